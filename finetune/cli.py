@@ -1,0 +1,58 @@
+"""The `finetune` command: LightningCLI's fit/validate/test/predict, plus `tasks` and `export`."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Optional
+
+from jsonargparse import CLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from finetune.data import DataModule
+from finetune.export import export
+from finetune.module import FineTuneModule
+from finetune.predictions import PredictionWriter
+from finetune.registry import import_registered_tasks, registered_tasks
+
+DESCRIPTION = """Fine-tune Hugging Face models with LoRA.
+
+Also: `finetune tasks` lists the registered tasks; `finetune export --ckpt_path C --output_dir D`
+writes a PEFT adapter and a merged model from a checkpoint."""
+
+
+class FineTuneCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(PredictionWriter, "predictions")
+
+
+def print_tasks() -> None:
+    tasks = registered_tasks()
+    rows = [("name", "class_path", "package")] + [(t.name, t.class_path, t.package) for t in tasks.values()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["tasks"]:
+        print_tasks()
+        return
+    if argv[:1] == ["export"]:
+        CLI(export, args=argv[1:], as_positional=False)
+        return
+    # Configs may name a task by its short class name; that needs the class imported.
+    for problem in import_registered_tasks():
+        warnings.warn(problem)
+    FineTuneCLI(
+        FineTuneModule,
+        DataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
+    )
+
+
+if __name__ == "__main__":
+    main()

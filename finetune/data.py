@@ -1,0 +1,229 @@
+"""Reading splits from files (or a Hugging Face dataset), tokenizing once, and batching.
+
+The data module is task-agnostic: it asks the module's task which columns it needs and how to
+turn examples into features, and the module's tokenizer how to tokenize (one source of truth for
+the backbone).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import random
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import datasets
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Sampler
+
+from finetune.task import Task
+
+FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SPLITS = {"train": "train_file", "val": "val_file", "test": "test_file", "predict": "predict_file"}
+HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test", "predict": "test"}
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+class DataModule(LightningDataModule):
+    """Train/validation/test/predict splits for the module's task.
+
+    Args:
+        train_file, val_file, test_file, predict_file: local JSONL, JSON, CSV or Parquet files.
+        dataset: a Hugging Face dataset name (or a local dataset script/dir), used for the splits
+            that have no file; `dataset_config` picks its configuration, `dataset_splits` maps
+            train/val/test/predict to its split names.
+        batch_size: examples per training batch; `eval_batch_size` for the other stages
+            (default: twice `batch_size`, since no gradients are kept).
+        group_by_length: batch examples of similar length together (less padding), shuffled.
+        num_workers: data-loading processes per device.
+        preprocessing_workers: processes for tokenization (`datasets.map(num_proc=...)`).
+        seed: seed of the training order.
+    """
+
+    def __init__(
+        self,
+        train_file: Optional[str] = None,
+        val_file: Optional[str] = None,
+        test_file: Optional[str] = None,
+        predict_file: Optional[str] = None,
+        dataset: Optional[str] = None,
+        dataset_config: Optional[str] = None,
+        dataset_splits: Optional[dict[str, str]] = None,
+        batch_size: int = 16,
+        eval_batch_size: Optional[int] = None,
+        group_by_length: bool = True,
+        num_workers: int = 0,
+        preprocessing_workers: Optional[int] = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.files = {"train": train_file, "val": val_file, "test": test_file, "predict": predict_file}
+        for split, path in self.files.items():
+            if path is None:
+                continue
+            if Path(path).suffix.lower() not in FORMATS:
+                raise ValueError(
+                    f"data.{SPLITS[split]}: {path!r} has an unsupported extension; expected one of {', '.join(FORMATS)}"
+                )
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"data.{SPLITS[split]}: file {path!r} does not exist")
+        self.dataset = dataset
+        self.dataset_config = dataset_config
+        self.dataset_splits = {**HF_SPLIT_NAMES, **(dataset_splits or {})}
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 2 * batch_size
+        self.group_by_length = group_by_length
+        self.num_workers = num_workers
+        self.preprocessing_workers = preprocessing_workers
+        self.seed = seed
+        self.features: dict[str, datasets.Dataset] = {}
+
+    # --- reading -------------------------------------------------------------------------------
+    def source(self, split: str) -> str:
+        if self.files[split] is not None:
+            return f"data.{SPLITS[split]} ({self.files[split]})"
+        return f"data.dataset ({self.dataset}, split {self.dataset_splits[split]!r})"
+
+    def read(self, split: str) -> Optional[datasets.Dataset]:
+        """The raw split, or None when the config gives none."""
+        path = self.files[split]
+        if path is not None:
+            try:
+                return datasets.load_dataset(FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
+            except Exception as err:  # datasets wraps parser errors in several types
+                cause = err.__cause__ or err
+                raise ValueError(f"{self.source(split)}: could not be read: {cause}") from err
+        if self.dataset is None:
+            return None
+        try:
+            return datasets.load_dataset(self.dataset, self.dataset_config, split=self.dataset_splits[split])
+        except ValueError as err:
+            if split != "train" and "Unknown split" in str(err):
+                return None
+            raise ValueError(f"{self.source(split)}: {err}") from err
+
+    def check_columns(self, task: Task, raw: datasets.Dataset, split: str) -> None:
+        required = dict(task.input_columns())
+        if split != "predict":
+            required.update(task.target_columns())
+        for key, column in required.items():
+            if column not in raw.column_names:
+                close = difflib.get_close_matches(column, raw.column_names, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise ValueError(
+                    f"{self.source(split)} has no column {column!r} (model.task.init_args.{key}); "
+                    f"its columns are: {', '.join(raw.column_names)}.{hint}"
+                )
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        module = self.trainer.lightning_module
+        task, tokenizer = module.task, module.tokenizer
+        for split in STAGE_SPLITS[stage]:
+            raw = self.read(split)
+            if raw is None:
+                if split in ("val",) and stage == "fit":
+                    continue  # training without validation is allowed
+                raise ValueError(f"data.{SPLITS[split]} is required for `{stage}` (or data.dataset with that split)")
+            if len(raw) == 0:
+                raise ValueError(f"{self.source(split)} is empty")
+            self.check_columns(task, raw, split)
+            if split == "train":
+                task.fit(raw)
+            if split != "predict":
+                task.check(raw, self.source(split))
+            with_targets = split != "predict"
+            self.features[split] = raw.map(
+                _preprocess,
+                batched=True,
+                with_indices=True,
+                remove_columns=raw.column_names,
+                fn_kwargs={"task": task, "tokenizer": tokenizer, "with_targets": with_targets},
+                num_proc=self.preprocessing_workers,
+                desc=f"Tokenizing {split}",
+            )
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        features = self.features[split]
+        task, tokenizer = self.trainer.lightning_module.task, self.trainer.lightning_module.tokenizer
+        lengths = features["length"]
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if train:
+            sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=True, group=self.group_by_length)
+        else:  # order does not matter for metrics; predictions are put back in input order by index
+            sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=False, group=True)
+        return DataLoader(
+            features.remove_columns("length"),
+            batch_sampler=sampler,
+            collate_fn=functools.partial(task.collate, tokenizer=tokenizer),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val", train=False) if "val" in self.features else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", train=False)
+
+
+def _preprocess(
+    examples: dict[str, list], indices: list[int], task: Task, tokenizer: Any, with_targets: bool
+) -> dict[str, list]:
+    features = task.preprocess(examples, tokenizer, with_targets)
+    features.setdefault("index", indices)
+    features["length"] = [len(ids) for ids in features["input_ids"]]
+    return features
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of examples of similar length.
+
+    Training (`shuffle=True`): a seeded permutation per epoch is cut into chunks of 50 batches,
+    each chunk sorted by length and cut into batches, and the batches shuffled: little padding,
+    still random. Without `group`, plain shuffled batches. Evaluation (`shuffle=False`): sorted
+    by length, longest first, so an out-of-memory error shows on the first batch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, group: bool) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group = group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+
+    def _batches(self, indices: list[int]) -> list[list[int]]:
+        return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if not self.shuffle:
+            yield from self._batches(sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i]))
+            return
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if not self.group:
+            yield from self._batches(order)
+            return
+        chunk = 50 * self.batch_size
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: -self.lengths[i])
+            batches.extend(self._batches(part))
+        rng.shuffle(batches)
+        yield from batches

@@ -1,0 +1,44 @@
+"""LoRA settings and how they wrap a backbone (PEFT does the work)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.1
+    #: None: PEFT's default for the architecture (bert: query, value; llama: q_proj, v_proj; ...);
+    #: "all-linear"; or a list of module name suffixes.
+    target_modules: Optional[Union[str, list[str]]] = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+def apply_lora(model: PreTrainedModel, settings: LoraSettings, modules_to_save: list[str]) -> PeftModel:
+    """Wrap `model` with a LoRA adapter; `modules_to_save` are trained in full and saved with it."""
+    config = LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=settings.target_modules,
+        use_dora=settings.use_dora,
+        use_rslora=settings.use_rslora,
+        modules_to_save=modules_to_save or None,
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        if settings.target_modules is None:
+            raise ValueError(
+                f"model.lora.target_modules: PEFT has no default LoRA targets for model type "
+                f"{model.config.model_type!r}; set it to 'all-linear' or to a list of module names "
+                f"(e.g. ['q_proj', 'v_proj'])"
+            ) from err
+        raise ValueError(f"model.lora.target_modules={settings.target_modules!r}: {err}") from err

@@ -1,0 +1,169 @@
+"""The one LightningModule: a Hugging Face backbone, optionally LoRA-wrapped, driven by a task."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+from finetune.backbone import load_model, load_tokenizer
+from finetune.lora import LoraSettings, apply_lora
+from finetune.registry import build_task
+from finetune.schedule import LinearWarmupDecay, SchedulerCallable
+from finetune.task import Task
+
+STAGES = ("train", "val", "test")
+
+
+class FineTuneModule(LightningModule):
+    """Fine-tunes `backbone` for `task`.
+
+    Args:
+        backbone: Hugging Face model name or local model directory.
+        task: the task plugin: a registered name (`classification`) or a class_path with init_args.
+        lora: LoRA settings; `null` fine-tunes every weight instead.
+        optimizer: called with the trainable parameters.
+        scheduler: called with the optimizer and the run's total optimizer steps; stepped every step.
+        gradient_checkpointing: trade compute for memory (non-reentrant, which works with LoRA).
+        trust_remote_code: allow a backbone to run code from its repository. Off: only turn it on
+            for repositories you trust.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        task: Union[Task, str],
+        lora: Optional[LoraSettings] = LoraSettings(),
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: SchedulerCallable = LinearWarmupDecay,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.task = build_task(task)
+        self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        self.save_hyperparameters()
+        self._store_plain_hparams()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.backbone = backbone
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        # Loaded now, so a wrong backbone fails before any data is read; the weights load in
+        # `configure_model`, once the data has told the task what it needs (e.g. the label count).
+        self.tokenizer = load_tokenizer(backbone, trust_remote_code)
+        self.model: Optional[nn.Module] = None
+        # Only what is trained goes into checkpoints; the frozen backbone comes from `backbone`.
+        self.strict_loading = False
+
+    # --- building --------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:  # Lightning calls this once per stage
+            return
+        model, new_weights = load_model(
+            self.task.auto_model, self.backbone, self.trust_remote_code, **self.task.model_kwargs()
+        )
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            # Weights the pretrained checkpoint lacked (the head; a pooler some checkpoints drop)
+            # are random: they must be trained, and saved, in full.
+            new_modules = {key.rsplit(".", 1)[0] for key in new_weights}
+            present = {name for name, _ in model.named_modules()}
+            heads = [h for h in self.task.head_modules if any(n == h or n.endswith("." + h) for n in present)]
+            model = apply_lora(model, self.lora, sorted(set(heads) | new_modules))
+        model.train()  # from_pretrained returns eval mode, which would switch dropout off
+        self.model = model
+        # (keys are suffixed: `train` would shadow nn.Module.train)
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": self.task.metrics() for stage in STAGES})
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        scheduler = self.scheduler_factory(optimizer, self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # --- steps -----------------------------------------------------------------------------
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        outputs = self.task.forward(self.model, batch)
+        loss = self.task.loss(outputs, batch)
+        self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch)
+        batch_size = len(batch["index"])
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
+                 sync_dist=not on_step)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
+        predictions = self.task.decode(self.task.forward(self.model, batch), batch)
+        for prediction, index in zip(predictions, batch["index"].tolist()):
+            prediction["index"] = index
+        return predictions
+
+    def _log_metrics(self, stage: str) -> None:
+        # Computed once per epoch (torchmetrics syncs the states across processes here).
+        values = {}
+        for name, value in self.metrics[f"{stage}_metrics"].compute().items():
+            if value.ndim == 0:
+                values[f"{stage}/{name}"] = value
+            else:
+                for key, item in zip(self.task.metric_names(name, value.numel()), value.flatten()):
+                    values[f"{stage}/{key}"] = item
+        self.metrics[f"{stage}_metrics"].reset()
+        self.log_dict(values, prog_bar=False)
+        if stage != "train" and not self.trainer.sanity_checking:
+            summary = "  ".join(f"{k}={v:.4f}" for k, v in values.items())
+            self.print(f"epoch {self.current_epoch} {summary}")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def _store_plain_hparams(self) -> None:
+        # Hyperparameters as plain data, so checkpoints load with `weights_only=True` and a
+        # checkpoint alone rebuilds the module (`load_from_checkpoint`, `--ckpt_path`).
+        self.hparams["task"] = self.task.config()  # includes what the task learned (e.g. labels)
+        if dataclasses.is_dataclass(self.hparams.get("lora")):
+            self.hparams["lora"] = dataclasses.asdict(self.hparams["lora"])
+        for key in ("optimizer", "scheduler"):  # Python callables (not CLI config) cannot be stored safely
+            if key in self.hparams and not isinstance(self.hparams[key], (dict, str)):
+                del self.hparams[key]
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        self._store_plain_hparams()
+        checkpoint["hyper_parameters"] = dict(self.hparams)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_names()
+        saved = set(checkpoint["state_dict"])
+        if saved != trainable:
+            missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
+            raise RuntimeError(
+                "checkpoint does not match this model's trainable weights "
+                f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
+                f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). "
+                "Was it written with another backbone, task or LoRA setting?"
+            )

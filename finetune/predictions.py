@@ -1,0 +1,39 @@
+"""Writing `predict` results: one JSON line per input, in input order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes the predictions of `finetune predict` to `output_file` (JSON Lines)."""
+
+    def __init__(self, output_file: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="epoch")
+        self.output_file = Path(output_file)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Fail before predicting, not after, when the file cannot be written.
+        try:
+            self.output_file.parent.mkdir(parents=True, exist_ok=True)
+            self.output_file.touch()
+        except OSError as err:
+            raise OSError(f"predictions.output_file: cannot write {str(self.output_file)!r}: {err}") from err
+
+    def write_on_epoch_end(
+        self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
+    ) -> None:
+        rows = sorted((row for batch in predictions for row in batch), key=lambda row: row["index"])
+        tmp = self.output_file.with_name(self.output_file.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                row = dict(row)
+                del row["index"]
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(self.output_file)
+        print(f"Wrote {len(rows)} predictions to {self.output_file}")

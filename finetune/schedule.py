@@ -1,0 +1,27 @@
+"""Learning-rate schedules that need the run's total number of optimizer steps."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+#: What `model.scheduler` must be: called with the optimizer and the run's total optimizer steps.
+SchedulerCallable = Callable[[Optimizer, int], LRScheduler]
+
+
+class LinearWarmupDecay(LambdaLR):
+    """Linear warm-up from 0 to the optimizer's LR over `warmup_ratio` of the run, then linear decay to 0."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> None:
+        if not 0 <= warmup_ratio < 1:
+            raise ValueError(f"model.scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = int(self.total_steps * warmup_ratio)
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        return max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.warmup_steps))

@@ -1,0 +1,1 @@
+"""Built-in task plugins. Each file is one task; copy one to write your own."""

