@@ -34,24 +34,28 @@ def print_tasks() -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["tasks"]:
-        print_tasks()
-        return
-    if argv[:1] == ["export"]:
-        CLI(export, args=argv[1:], as_positional=False)
-        return
+def run(args: Optional[list[str]] = None) -> FineTuneCLI:
+    """`finetune fit|validate|test|predict ...` (args default to the command line)."""
     # Configs may name a task by its short class name; that needs the class imported.
     for problem in import_registered_tasks():
         warnings.warn(problem)
-    FineTuneCLI(
+    return FineTuneCLI(
         FineTuneModule,
         DataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["tasks"]:
+        print_tasks()
+    elif argv[:1] == ["export"]:
+        CLI(export, args=argv[1:], as_positional=False)
+    else:
+        run(args)
 
 
 if __name__ == "__main__":

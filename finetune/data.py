@@ -93,6 +93,8 @@ class DataModule(LightningDataModule):
             try:
                 return datasets.load_dataset(FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
             except Exception as err:  # datasets wraps parser errors in several types
+                if "corresponds to no data" in str(err):
+                    raise ValueError(f"{self.source(split)} is empty") from err
                 cause = err.__cause__ or err
                 raise ValueError(f"{self.source(split)}: could not be read: {cause}") from err
         if self.dataset is None:

@@ -13,22 +13,30 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tiny_bert(tmp_path_factory) -> str:
+def save_tiny_bert(path: Path, dropout: float = 0.1) -> str:
     """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like a pretrained model directory."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     config = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
     )
-    import torch
-
     torch.manual_seed(0)
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_no_dropout(tmp_path_factory) -> str:
+    """Without dropout a run is a pure function of seed, data order and optimizer state."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert-no-dropout"), dropout=0.0)
 
 
 WORDS = {
@@ -61,3 +69,24 @@ def toy_files(tmp_path) -> dict[str, str]:
         "val": write_jsonl(tmp_path / "val.jsonl", make_rows(30, seed=2)),
         "predict": write_jsonl(tmp_path / "predict.jsonl", [{"text": r["text"]} for r in make_rows(10, seed=3)]),
     }
+
+
+def fit_args(backbone: str, files: dict[str, str], root: Path, *extra: str) -> list[str]:
+    """A quick `finetune fit` on the toy data (LoRA on every linear layer at a high LR learns it fast)."""
+    return [
+        "fit",
+        f"--model.backbone={backbone}",
+        "--model.task=TextClassification",
+        f"--data.train_file={files['train']}",
+        f"--data.val_file={files['val']}",
+        "--data.batch_size=8",
+        "--model.optimizer.lr=0.01",
+        "--model.lora.target_modules=all-linear",
+        "--trainer.max_epochs=5",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.log_every_n_steps=1",
+        "--seed_everything=0",
+        *extra,
+    ]
