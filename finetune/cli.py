@@ -10,6 +10,7 @@ from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from finetune.data import DataModule
+from finetune.errors import InputError
 from finetune.export import export
 from finetune.module import FineTuneModule
 from finetune.predictions import PredictionWriter
@@ -50,12 +51,16 @@ def run(args: Optional[list[str]] = None) -> FineTuneCLI:
 
 def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["tasks"]:
-        print_tasks()
-    elif argv[:1] == ["export"]:
-        CLI(export, args=argv[1:], as_positional=False)
-    else:
-        run(args)
+    try:
+        if argv[:1] == ["tasks"]:
+            print_tasks()
+        elif argv[:1] == ["export"]:
+            CLI(export, args=argv[1:], as_positional=False)
+        else:
+            run(args)
+    except InputError as err:  # the message says what to fix; a traceback would only bury it
+        print(f"finetune: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
 from finetune.task import Task
+from finetune.errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = {"train": "train_file", "val": "val_file", "test": "test_file", "predict": "predict_file"}
@@ -64,11 +65,11 @@ class DataModule(LightningDataModule):
             if path is None:
                 continue
             if Path(path).suffix.lower() not in FORMATS:
-                raise ValueError(
+                raise InputError(
                     f"data.{SPLITS[split]}: {path!r} has an unsupported extension; expected one of {', '.join(FORMATS)}"
                 )
             if not Path(path).is_file():
-                raise FileNotFoundError(f"data.{SPLITS[split]}: file {path!r} does not exist")
+                raise InputError(f"data.{SPLITS[split]}: file {path!r} does not exist")
         self.dataset = dataset
         self.dataset_config = dataset_config
         self.dataset_splits = {**HF_SPLIT_NAMES, **(dataset_splits or {})}
@@ -94,9 +95,9 @@ class DataModule(LightningDataModule):
                 return datasets.load_dataset(FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
             except Exception as err:  # datasets wraps parser errors in several types
                 if "corresponds to no data" in str(err):
-                    raise ValueError(f"{self.source(split)} is empty") from err
+                    raise InputError(f"{self.source(split)} is empty") from err
                 cause = err.__cause__ or err
-                raise ValueError(f"{self.source(split)}: could not be read: {cause}") from err
+                raise InputError(f"{self.source(split)}: could not be read: {cause}") from err
         if self.dataset is None:
             return None
         try:
@@ -104,7 +105,7 @@ class DataModule(LightningDataModule):
         except ValueError as err:
             if split != "train" and "Unknown split" in str(err):
                 return None
-            raise ValueError(f"{self.source(split)}: {err}") from err
+            raise InputError(f"{self.source(split)}: {err}") from err
 
     def check_columns(self, task: Task, raw: datasets.Dataset, split: str) -> None:
         required = dict(task.input_columns())
@@ -114,7 +115,7 @@ class DataModule(LightningDataModule):
             if column not in raw.column_names:
                 close = difflib.get_close_matches(column, raw.column_names, n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
+                raise InputError(
                     f"{self.source(split)} has no column {column!r} (model.task.init_args.{key}); "
                     f"its columns are: {', '.join(raw.column_names)}.{hint}"
                 )
@@ -128,9 +129,9 @@ class DataModule(LightningDataModule):
             if raw is None:
                 if split in ("val",) and stage == "fit":
                     continue  # training without validation is allowed
-                raise ValueError(f"data.{SPLITS[split]} is required for `{stage}` (or data.dataset with that split)")
+                raise InputError(f"data.{SPLITS[split]} is required for `{stage}` (or data.dataset with that split)")
             if len(raw) == 0:
-                raise ValueError(f"{self.source(split)} is empty")
+                raise InputError(f"{self.source(split)} is empty")
             self.check_columns(task, raw, split)
             if split == "train":
                 task.fit(raw)

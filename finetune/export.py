@@ -7,6 +7,7 @@ from pathlib import Path
 from peft import PeftModel
 
 from finetune.module import FineTuneModule
+from finetune.errors import InputError
 
 
 def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool = True) -> None:
@@ -21,7 +22,7 @@ def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool =
         merged: write `merged/`.
     """
     if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"--ckpt_path: checkpoint {ckpt_path!r} does not exist")
+        raise InputError(f"--ckpt_path: checkpoint {ckpt_path!r} does not exist")
     module = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     model, out = module.model, Path(output_dir)
     if adapter and isinstance(model, PeftModel):

@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+from finetune.errors import InputError
 
 
 @dataclass
@@ -36,9 +37,9 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, modules_to_save: 
         return get_peft_model(model, config)
     except ValueError as err:
         if settings.target_modules is None:
-            raise ValueError(
+            raise InputError(
                 f"model.lora.target_modules: PEFT has no default LoRA targets for model type "
                 f"{model.config.model_type!r}; set it to 'all-linear' or to a list of module names "
                 f"(e.g. ['q_proj', 'v_proj'])"
             ) from err
-        raise ValueError(f"model.lora.target_modules={settings.target_modules!r}: {err}") from err
+        raise InputError(f"model.lora.target_modules={settings.target_modules!r}: {err}") from err

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from finetune.backbone import load_model, load_tokenizer
+from finetune.errors import InputError
 from finetune.lora import LoraSettings, apply_lora
 from finetune.registry import build_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
@@ -161,7 +162,7 @@ class FineTuneModule(LightningModule):
         saved = set(checkpoint["state_dict"])
         if saved != trainable:
             missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
-            raise RuntimeError(
+            raise InputError(
                 "checkpoint does not match this model's trainable weights "
                 f"(missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
                 f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). "

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+from finetune.errors import InputError
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -23,7 +24,7 @@ class PredictionWriter(BasePredictionWriter):
             self.output_file.parent.mkdir(parents=True, exist_ok=True)
             self.output_file.touch()
         except OSError as err:
-            raise OSError(f"predictions.output_file: cannot write {str(self.output_file)!r}: {err}") from err
+            raise InputError(f"predictions.output_file: cannot write {str(self.output_file)!r}: {err}") from err
 
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]

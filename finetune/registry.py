@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from finetune.task import Task
+from finetune.errors import InputError
 
 ENTRY_POINT_GROUP = "finetune.tasks"
 
@@ -30,7 +31,7 @@ class RegisteredTask:
         module_name, _, attr = self.target.partition(":")
         cls = getattr(importlib.import_module(module_name), attr)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise TypeError(f"entry point {self.name!r} ({self.target}, from {self.package}) is not a finetune Task")
+            raise InputError(f"entry point {self.name!r} ({self.target}, from {self.package}) is not a finetune Task")
         return cls
 
 
@@ -46,7 +47,7 @@ def task_class(name: str) -> type[Task]:
     tasks = registered_tasks()
     if name not in tasks:
         available = ", ".join(sorted(tasks)) or "none (is finetune installed with pip?)"
-        raise ValueError(
+        raise InputError(
             f"model.task: unknown task {name!r}. Registered tasks: {available}. "
             "A task from your own package is reachable with `class_path: your_module.YourTask` "
             f"or by registering it in the {ENTRY_POINT_GROUP!r} entry-point group."
@@ -83,6 +84,6 @@ def build_task(spec: Task | str | dict[str, Any]) -> Task:
         else:
             cls = task_class(path)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise TypeError(f"model.task: {path!r} is not a finetune Task")
+            raise InputError(f"model.task: {path!r} is not a finetune Task")
         return cls(**spec.get("init_args", {}))
-    raise TypeError(f"model.task: expected a task name, a Task or a class_path dict, got {spec!r}")
+    raise InputError(f"model.task: expected a task name, a Task or a class_path dict, got {spec!r}")

