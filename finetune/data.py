@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import datasets
-import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
 
-from finetune.task import Task
 from finetune.errors import InputError
+from finetune.task import Task
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SPLITS = {"train": "train_file", "val": "val_file", "test": "test_file", "predict": "predict_file"}
@@ -153,10 +152,9 @@ class DataModule(LightningDataModule):
         task, tokenizer = self.trainer.lightning_module.task, self.trainer.lightning_module.tokenizer
         lengths = features["length"]
         batch_size = self.batch_size if train else self.eval_batch_size
-        if train:
-            sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=True, group=self.group_by_length)
-        else:  # order does not matter for metrics; predictions are put back in input order by index
-            sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=False, group=True)
+        # Evaluation order does not matter for metrics; predictions are put back in input order by index.
+        group = self.group_by_length or not train
+        sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train, group=group)
         return DataLoader(
             features.remove_columns("length"),
             batch_sampler=sampler,

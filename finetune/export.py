@@ -6,8 +6,8 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from finetune.module import FineTuneModule
 from finetune.errors import InputError
+from finetune.module import FineTuneModule
 
 
 def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool = True) -> None:

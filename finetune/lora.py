@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+
 from finetune.errors import InputError
 
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
+
 from finetune.errors import InputError
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from finetune.task import Task
 from finetune.errors import InputError
+from finetune.task import Task
 
 ENTRY_POINT_GROUP = "finetune.tasks"
 

@@ -6,6 +6,7 @@ from typing import Callable
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
 from finetune.errors import InputError
 
 #: What `model.scheduler` must be: called with the optimizer and the run's total optimizer steps.

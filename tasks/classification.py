@@ -16,8 +16,8 @@ from torchmetrics.classification import (
 )
 from transformers import AutoModelForSequenceClassification
 
-from finetune.task import Task
 from finetune.errors import InputError
+from finetune.task import Task
 
 Label = Union[str, int]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import fit_args, write_jsonl, make_rows
+from conftest import fit_args, make_rows, write_jsonl
 from finetune.cli import main, run
 from finetune.lora import LoraSettings
 from finetune.module import FineTuneModule
@@ -88,7 +88,8 @@ def test_hf_dataset_by_name_or_directory(tiny_bert, tmp_path):
     write_jsonl(folder / "train.jsonl", make_rows(24, seed=1))
     write_jsonl(folder / "validation.jsonl", make_rows(9, seed=2))
     cli = run(["fit", f"--model.backbone={tiny_bert}", "--model.task=classification", f"--data.dataset={folder}",
-               "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}", "--trainer.enable_progress_bar=false"])
+               "--trainer.max_epochs=1", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false"])
     assert len(cli.datamodule.features["train"]) == 24 and len(cli.datamodule.features["val"]) == 9
     assert "val/accuracy" in cli.trainer.callback_metrics
 

@@ -135,6 +135,7 @@ def test_print_config_shows_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "classification.yaml"), "--print_config"])
     out = capsys.readouterr().out
-    for key in ["backbone: sentence-transformers/all-MiniLM-L6-v2", "class_path: tasks.classification.TextClassification",
-                "use_dora: false", "class_path: torch.optim.AdamW", "group_by_length: true", "output_file:"]:
+    for key in ["backbone: sentence-transformers/all-MiniLM-L6-v2",
+                "class_path: tasks.classification.TextClassification", "use_dora: false",
+                "class_path: torch.optim.AdamW", "group_by_length: true", "output_file:"]:
         assert key in out
