@@ -90,6 +90,9 @@ class DataModule(LightningDataModule):
         """The raw split, or None when the config gives none."""
         path = self.files[split]
         if path is not None:
+            own = self.trainer.lightning_module.task.read_file(path)
+            if own is not None:
+                return own
             try:
                 return datasets.load_dataset(FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
             except Exception as err:  # datasets wraps parser errors in several types
@@ -132,10 +135,7 @@ class DataModule(LightningDataModule):
             if len(raw) == 0:
                 raise InputError(f"{self.source(split)} is empty")
             self.check_columns(task, raw, split)
-            if split == "train":
-                task.fit(raw)
-            if split != "predict":
-                task.check(raw, self.source(split))
+            task.prepare(split, raw, self.source(split))
             with_targets = split != "predict"
             self.features[split] = raw.map(
                 _preprocess,
@@ -180,7 +180,9 @@ def _preprocess(
     examples: dict[str, list], indices: list[int], task: Task, tokenizer: Any, with_targets: bool
 ) -> dict[str, list]:
     features = task.preprocess(examples, tokenizer, with_targets)
-    features.setdefault("index", indices)
+    # Each feature carries the index of its example: windows of one example share it.
+    mapping = features.pop("overflow_to_sample_mapping", range(len(indices)))
+    features["index"] = [indices[i] for i in mapping]
     features["length"] = [len(ids) for ids in features["input_ids"]]
     return features
 

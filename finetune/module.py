@@ -80,7 +80,7 @@ class FineTuneModule(LightningModule):
         model.train()  # from_pretrained returns eval mode, which would switch dropout off
         self.model = model
         # (keys are suffixed: `train` would shadow nn.Module.train)
-        self.metrics = nn.ModuleDict({f"{stage}_metrics": self.task.metrics() for stage in STAGES})
+        self.metrics = nn.ModuleDict({f"{stage}_metrics": self.task.metrics(stage) for stage in STAGES})
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -91,7 +91,8 @@ class FineTuneModule(LightningModule):
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         outputs = self.task.forward(self.model, batch)
         loss = self.task.loss(outputs, batch)
-        self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch)
+        if self.task.evaluates(stage, self.current_epoch):
+            self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model)
         batch_size = len(batch["index"])
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
@@ -108,21 +109,24 @@ class FineTuneModule(LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
-        predictions = self.task.decode(self.task.forward(self.model, batch), batch)
+        predictions = self.task.predict(self.model, batch)
         for prediction, index in zip(predictions, batch["index"].tolist()):
             prediction["index"] = index
         return predictions
 
     def _log_metrics(self, stage: str) -> None:
         # Computed once per epoch (torchmetrics syncs the states across processes here).
+        metrics = self.metrics[f"{stage}_metrics"]
+        if not metrics or not self.task.evaluates(stage, self.current_epoch):
+            return
         values = {}
-        for name, value in self.metrics[f"{stage}_metrics"].compute().items():
+        for name, value in metrics.compute().items():
             if value.ndim == 0:
                 values[f"{stage}/{name}"] = value
             else:
                 for key, item in zip(self.task.metric_names(name, value.numel()), value.flatten()):
                     values[f"{stage}/{key}"] = item
-        self.metrics[f"{stage}_metrics"].reset()
+        metrics.reset()
         self.log_dict(values, prog_bar=False)
         if stage != "train" and not self.trainer.sanity_checking:
             summary = "  ".join(f"{k}={v:.4f}" for k, v in values.items())

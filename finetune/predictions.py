@@ -31,6 +31,7 @@ class PredictionWriter(BasePredictionWriter):
         self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
     ) -> None:
         rows = sorted((row for batch in predictions for row in batch), key=lambda row: row["index"])
+        rows = pl_module.task.merge_predictions(rows)
         tmp = self.output_file.with_name(self.output_file.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:

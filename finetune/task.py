@@ -5,6 +5,13 @@ Hugging Face head it needs, which columns it reads, how examples become features
 collate into a batch, the loss, the metrics and how outputs become predictions. The core
 (`finetune.module`, `finetune.data`) calls these hooks and owns everything else.
 
+Who calls what, in order:
+  data module, per split: `read_file` (custom formats) -> column check (`input_columns`,
+      `target_columns`) -> `prepare` -> `datasets.map(preprocess)`, cached -> `collate` per batch
+  module: `model_kwargs` when loading the backbone; `metrics(split)` once per split;
+      every step `forward` -> `loss`; on evaluation steps `update_metrics`;
+      on predict steps `predict`, and `merge_predictions` once over all rows before writing.
+
 Constructor arguments of a task are its configuration (`model.task.init_args` in a config). Keep
 each one in an attribute of the same name: `config()` reads them back to store the task in
 checkpoints, so a checkpoint restores the task exactly (including a label set learned from data).
@@ -13,7 +20,7 @@ checkpoints, so a checkpoint restores the task exactly (including a label set le
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import torch
 from torchmetrics import MetricCollection
@@ -40,16 +47,21 @@ class Task:
         raise NotImplementedError
 
     # --- data ----------------------------------------------------------------------------------
-    def fit(self, train: Any) -> None:
-        """Learn what the task needs from the training split (e.g. the label set). Default: nothing."""
+    def read_file(self, path: str) -> Optional[Any]:
+        """A `datasets.Dataset` for a file in a format of the task's own (e.g. nested SQuAD JSON),
+        or None to let the core read JSONL/JSON/CSV/Parquet. Default: None."""
+        return None
 
-    def check(self, dataset: Any, source: str) -> None:
-        """Reject bad values in a split that has targets (e.g. unknown labels). Default: nothing."""
+    def prepare(self, split: str, dataset: Any, source: str) -> None:
+        """See a raw split before it is tokenized: learn from `train` (e.g. the label set), reject
+        bad values (naming `source` and the row), keep what evaluation needs. Default: nothing."""
 
     def preprocess(
         self, examples: dict[str, list], tokenizer: PreTrainedTokenizerBase, with_targets: bool
     ) -> dict[str, list]:
-        """Turn a batch of raw examples (column -> values) into features (batched `datasets.map`)."""
+        """Turn a batch of raw examples (column -> values) into features (batched `datasets.map`).
+        A task that makes several features per example (windows) returns the tokenizer's
+        `overflow_to_sample_mapping`; the core turns it into each feature's example `index`."""
         raise NotImplementedError
 
     def collate(self, features: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
@@ -69,20 +81,35 @@ class Task:
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
-    def metrics(self) -> MetricCollection:
-        """A fresh metric collection; the core keeps one per stage and syncs it across processes."""
+    # --- evaluation ----------------------------------------------------------------------------
+    def metrics(self, split: str) -> MetricCollection:
+        """A fresh metric collection for `split` (train, val or test); the core updates it on that
+        split's steps, computes it once per epoch (synced across processes) and resets it."""
         raise NotImplementedError
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+    def evaluates(self, split: str, epoch: int) -> bool:
+        """Whether `update_metrics` runs on this split this epoch (e.g. generation only every N
+        epochs). Loss is always reported. Default: always."""
+        return True
+
+    def update_metrics(
+        self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor], model: PreTrainedModel
+    ) -> None:
         raise NotImplementedError
 
     def metric_names(self, name: str, size: int) -> list[str]:
         """Names for the entries of a vector-valued metric (e.g. per-label F1). Default: indices."""
         return [f"{name}/{i}" for i in range(size)]
 
-    def decode(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Human-readable, JSON-serialisable predictions, one dict per example in the batch."""
+    # --- prediction ----------------------------------------------------------------------------
+    def predict(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        """Human-readable, JSON-serialisable predictions, one dict per feature in the batch."""
         raise NotImplementedError
+
+    def merge_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """All decoded rows of a predict run (each with its example `index`, in index order) -> one
+        row per input example, still carrying `index`. Default: as they are (one feature per example)."""
+        return rows
 
     # --- persistence ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -66,15 +66,15 @@ class TextClassification(Task):
     def _row_labels(self, value: Any) -> list[Any]:
         return list(value) if self.multi_label and isinstance(value, (list, tuple)) else [value]
 
-    def fit(self, train: Any) -> None:
-        if self.labels is None:
-            seen = {label for value in train[self.label_column] for label in self._row_labels(value)}
+    def prepare(self, split: str, dataset: Any, source: str) -> None:
+        if split == "train" and self.labels is None:
+            seen = {label for value in dataset[self.label_column] for label in self._row_labels(value)}
             seen.discard(None)
             self.labels = sorted(seen)
-        if len(self.labels) < (1 if self.multi_label else 2):
+        if split == "train" and len(self.labels) < (1 if self.multi_label else 2):
             raise InputError(f"model.task.init_args.labels: need at least 2 labels, found {self.labels}")
-
-    def check(self, dataset: Any, source: str) -> None:
+        if split == "predict":
+            return
         known = set(self.labels)
         for row, value in enumerate(dataset[self.label_column], start=1):
             if self.multi_label and not isinstance(value, (list, tuple)):
@@ -112,7 +112,7 @@ class TextClassification(Task):
             return F.binary_cross_entropy_with_logits(outputs.logits, batch["labels"].to(outputs.logits.dtype))
         return F.cross_entropy(outputs.logits, batch["labels"])
 
-    def metrics(self) -> MetricCollection:
+    def metrics(self, split: str) -> MetricCollection:
         n = len(self.labels)
         if self.multi_label:
             return MetricCollection({
@@ -126,7 +126,7 @@ class TextClassification(Task):
             "f1_macro": MulticlassF1Score(n, average="macro"),
         })
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor]) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any) -> None:
         if self.multi_label:
             metrics.update(torch.sigmoid(outputs.logits.float()), batch["labels"].long())
         else:
@@ -135,8 +135,8 @@ class TextClassification(Task):
     def metric_names(self, name: str, size: int) -> list[str]:
         return [f"{name}/{label}" for label in self.labels]
 
-    def decode(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        logits = outputs.logits.float()
+    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+        logits = self.forward(model, batch).logits.float()
         probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         predictions = []
         for row in probs.tolist():
