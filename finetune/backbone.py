@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from finetune.errors import InputError
 
@@ -36,12 +36,19 @@ def _explain(backbone: str, err: Exception) -> str:
     return f"model.backbone: {where} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
-def load_tokenizer(backbone: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_config_and_tokenizer(
+    backbone: str, trust_remote_code: bool = False
+) -> tuple[PretrainedConfig, PreTrainedTokenizerBase]:
+    """The backbone's config and tokenizer (small files: the weights load later)."""
     path = resolve(backbone)
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise InputError(_explain(backbone, err)) from err
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # GPT-2 style tokenizers have none; batches need one
+    return config, tokenizer
 
 
 def load_model(

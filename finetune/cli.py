@@ -45,6 +45,7 @@ def run(args: Optional[list[str]] = None) -> FineTuneCLI:
         DataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # model.optimizer / model.scheduler configure them
         parser_kwargs={"description": DESCRIPTION},
     )
 

@@ -10,6 +10,16 @@ from transformers import PreTrainedModel
 
 from finetune.errors import InputError
 
+# Families PEFT has no default targets for (PEFT 0.21); their attention projections are BART's.
+EXTRA_DEFAULT_TARGETS = {
+    "marian": ["q_proj", "v_proj"],
+    "mbart": ["q_proj", "v_proj"],
+    "m2m_100": ["q_proj", "v_proj"],
+    "pegasus": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "smollm3": ["q_proj", "v_proj"],
+}
+
 
 @dataclass
 class LoraSettings:
@@ -29,7 +39,7 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, modules_to_save: 
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=settings.target_modules,
+        target_modules=settings.target_modules or EXTRA_DEFAULT_TARGETS.get(model.config.model_type),
         use_dora=settings.use_dora,
         use_rslora=settings.use_rslora,
         modules_to_save=modules_to_save or None,

@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
-from finetune.backbone import load_model, load_tokenizer
+from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError
 from finetune.lora import LoraSettings, apply_lora
 from finetune.registry import build_task
@@ -56,7 +56,8 @@ class FineTuneModule(LightningModule):
         self.trust_remote_code = trust_remote_code
         # Loaded now, so a wrong backbone fails before any data is read; the weights load in
         # `configure_model`, once the data has told the task what it needs (e.g. the label count).
-        self.tokenizer = load_tokenizer(backbone, trust_remote_code)
+        config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
+        self.task.configure_backbone(config, self.tokenizer)
         self.model: Optional[nn.Module] = None
         # Only what is trained goes into checkpoints; the frozen backbone comes from `backbone`.
         self.strict_loading = False

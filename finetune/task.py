@@ -6,6 +6,7 @@ collate into a batch, the loss, the metrics and how outputs become predictions. 
 (`finetune.module`, `finetune.data`) calls these hooks and owns everything else.
 
 Who calls what, in order:
+  module, when built: `configure_backbone` (the backbone's config and tokenizer)
   data module, per split: `read_file` (custom formats) -> column check (`input_columns`,
       `target_columns`) -> `prepare` -> `datasets.map(preprocess)`, cached -> `collate` per batch
   module: `model_kwargs` when loading the backbone; `metrics(split)` once per split;
@@ -19,12 +20,13 @@ checkpoints, so a checkpoint restores the task exactly (including a label set le
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Any, ClassVar, Optional
 
 import torch
 from torchmetrics import MetricCollection
-from transformers import DataCollatorWithPadding, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -45,6 +47,11 @@ class Task:
     def target_columns(self) -> dict[str, str]:
         """Columns every split except `predict` must have, as {config key: column name}."""
         raise NotImplementedError
+
+    # --- backbone ------------------------------------------------------------------------------
+    def configure_backbone(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+        """See the backbone's config and tokenizer before any data is prepared (e.g. to pick the
+        head class by architecture). Default: nothing."""
 
     # --- data ----------------------------------------------------------------------------------
     def read_file(self, path: str) -> Optional[Any]:
@@ -113,10 +120,12 @@ class Task:
 
     # --- persistence ---------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The task as `{"class_path", "init_args"}`: what checkpoints store and configs accept."""
+        """The task as `{"class_path", "init_args"}`: what checkpoints store and configs accept.
+        Plain data only (dataclasses become dicts), so checkpoints load with `weights_only=True`."""
         cls = type(self)
-        params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
-        return {
-            "class_path": f"{cls.__module__}.{cls.__qualname__}",
-            "init_args": {p: getattr(self, p) for p in params},
-        }
+        params = []  # a subclass may pass **kwargs on to its parent: collect along the MRO
+        for klass in cls.__mro__[: cls.__mro__.index(Task)]:
+            params += [p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")]
+        values = {p: getattr(self, p) for p in dict.fromkeys(params)}
+        values = {p: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for p, v in values.items()}
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": values}
