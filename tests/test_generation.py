@@ -245,3 +245,11 @@ def test_nested_rows_missing_the_language_are_named(tiny_t5, tmp_path):
     with pytest.raises(InputError, match=r"row 1: the target text is empty or not a string \(None\)"):
         run(["fit", f"--model.backbone={tiny_t5}", "--model.task=Translation", "--model.task.source_lang=en",
              "--model.task.target_lang=de", f"--data.train_file={train}", f"--trainer.default_root_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("name", ["summarization", "translation"])
+def test_ready_configs_parse(name, capsys):
+    config = Path(__file__).parents[1] / "configs" / f"{name}.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert f"class_path: tasks.{name}.{name.title()}" in capsys.readouterr().out
