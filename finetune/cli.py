@@ -46,6 +46,7 @@ def run(args: Optional[list[str]] = None) -> FineTuneCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # model.optimizer / model.scheduler configure them
+        trainer_defaults={"use_distributed_sampler": False},  # the data module shards batches itself
         parser_kwargs={"description": DESCRIPTION},
     )
 

@@ -38,6 +38,10 @@ class DataModule(LightningDataModule):
             (default: twice `batch_size`, since no gradients are kept).
         group_by_length: batch examples of similar length together (less padding), shuffled.
         num_workers: data-loading processes per device.
+
+    The data module shards batches across processes itself (exactly once per example in
+    evaluation), so the Trainer must not add a distributed sampler: `finetune` sets
+    `trainer.use_distributed_sampler: false`; set it too when you build your own Trainer.
         preprocessing_workers: processes for tokenization (`datasets.map(num_proc=...)`).
         seed: seed of the training order.
     """
@@ -154,7 +158,8 @@ class DataModule(LightningDataModule):
         batch_size = self.batch_size if train else self.eval_batch_size
         # Evaluation order does not matter for metrics; predictions are put back in input order by index.
         group = self.group_by_length or not train
-        sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train, group=group)
+        sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train, group=group,
+                                            rank=self.trainer.global_rank, world_size=self.trainer.world_size)
         return DataLoader(
             features.remove_columns("length"),
             batch_sampler=sampler,
@@ -188,45 +193,61 @@ def _preprocess(
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):
-    """Batches of examples of similar length.
+    """Batches of examples of similar length, this process's share of them.
 
     Training (`shuffle=True`): a seeded permutation per epoch is cut into chunks of 50 batches,
     each chunk sorted by length and cut into batches, and the batches shuffled: little padding,
     still random. Without `group`, plain shuffled batches. Evaluation (`shuffle=False`): sorted
     by length, longest first, so an out-of-memory error shows on the first batch.
+
+    With several processes every one builds the same batch list (same seed) and takes every
+    `world_size`-th batch. Training pads the list by repeating batches so all processes step
+    together; evaluation does not, so each example is evaluated exactly once.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, group: bool) -> None:
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, group: bool,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
         self.lengths = lengths
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.group = group
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:  # called by Lightning before each epoch
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        batches = (len(self.lengths) + self.batch_size - 1) // self.batch_size
+        if self.shuffle:
+            return (batches + self.world_size - 1) // self.world_size
+        return len(range(self.rank, batches, self.world_size))
 
     def _batches(self, indices: list[int]) -> list[list[int]]:
         return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _all_batches(self) -> list[list[int]]:
         if not self.shuffle:
-            yield from self._batches(sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i]))
-            return
+            return self._batches(sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i]))
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         if not self.group:
-            yield from self._batches(order)
-            return
+            return self._batches(order)
         chunk = 50 * self.batch_size
         batches = []
         for start in range(0, len(order), chunk):
             part = sorted(order[start : start + chunk], key=lambda i: -self.lengths[i])
             batches.extend(self._batches(part))
         rng.shuffle(batches)
-        yield from batches
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        if self.shuffle and len(batches) % self.world_size:
+            batches += batches[: self.world_size - len(batches) % self.world_size]
+        yield from batches[self.rank :: self.world_size]

@@ -169,6 +169,10 @@ class GenerationTask(Task):
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                label_smoothing=self.label_smoothing)
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        labels = batch["labels"][:, 1:] if self.decoder_only else batch["labels"]
+        return int((labels != IGNORE).sum())
+
     def generate(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[str]:
         if self.decoder_only:
             inputs = {"input_ids": batch["prompt_ids"], "attention_mask": batch["prompt_attention_mask"]}

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
+from torchmetrics import MeanMetric
 
 from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError
@@ -82,6 +83,7 @@ class FineTuneModule(LightningModule):
         self.model = model
         # (keys are suffixed: `train` would shadow nn.Module.train)
         self.metrics = nn.ModuleDict({f"{stage}_metrics": self.task.metrics(stage) for stage in STAGES})
+        self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -94,10 +96,10 @@ class FineTuneModule(LightningModule):
         loss = self.task.loss(outputs, batch)
         if self.task.evaluates(stage, self.current_epoch):
             self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model)
-        batch_size = len(batch["index"])
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=batch_size,
-                 sync_dist=not on_step)
+        if stage == "train":  # per step, no cross-process sync (that would stall every step)
+            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["index"]))
+        else:  # exact mean over the split, weighted by what each batch's loss averages over
+            self.losses[f"{stage}_loss"].update(loss.detach(), self.task.loss_weight(batch))
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -117,17 +119,21 @@ class FineTuneModule(LightningModule):
 
     def _log_metrics(self, stage: str) -> None:
         # Computed once per epoch (torchmetrics syncs the states across processes here).
-        metrics = self.metrics[f"{stage}_metrics"]
-        if not metrics or not self.task.evaluates(stage, self.current_epoch):
-            return
         values = {}
-        for name, value in metrics.compute().items():
+        if stage != "train":
+            values[f"{stage}/loss"] = self.losses[f"{stage}_loss"].compute()
+            self.losses[f"{stage}_loss"].reset()
+        metrics = self.metrics[f"{stage}_metrics"]
+        evaluated = metrics and self.task.evaluates(stage, self.current_epoch)
+        for name, value in metrics.compute().items() if evaluated else ():
             if value.ndim == 0:
                 values[f"{stage}/{name}"] = value
             else:
                 for key, item in zip(self.task.metric_names(name, value.numel()), value.flatten()):
                     values[f"{stage}/{key}"] = item
         metrics.reset()
+        if not values:
+            return
         self.log_dict(values, prog_bar=False)
         if stage != "train" and not self.trainer.sanity_checking:
             summary = "  ".join(f"{k}={v:.4f}" for k, v in values.items())

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -13,7 +14,8 @@ from finetune.errors import InputError
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes the predictions of `finetune predict` to `output_file` (JSON Lines)."""
+    """Writes the predictions of `finetune predict` to `output_file` (JSON Lines): one line per
+    input, in input order, from rank 0 however many processes predicted."""
 
     def __init__(self, output_file: str = "predictions.jsonl") -> None:
         super().__init__(write_interval="epoch")
@@ -30,8 +32,14 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]
     ) -> None:
-        rows = sorted((row for batch in predictions for row in batch), key=lambda row: row["index"])
-        rows = pl_module.task.merge_predictions(rows)
+        rows = [row for batch in predictions for row in batch]
+        if trainer.world_size > 1:  # every process predicted its share: collect them on rank 0
+            shares: list = [None] * trainer.world_size
+            torch.distributed.all_gather_object(shares, rows)
+            rows = [row for share in shares for row in share]
+        if not trainer.is_global_zero:
+            return
+        rows = pl_module.task.merge_predictions(sorted(rows, key=lambda row: row["index"]))
         tmp = self.output_file.with_name(self.output_file.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:

@@ -88,6 +88,12 @@ class Task:
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many items `loss` averages over in this batch, so that the evaluation loss is the
+        exact mean over the whole split however it is batched or spread over processes.
+        Default: the number of features (rows)."""
+        return len(batch["index"])
+
     # --- evaluation ----------------------------------------------------------------------------
     def metrics(self, split: str) -> MetricCollection:
         """A fresh metric collection for `split` (train, val or test); the core updates it on that
