@@ -201,8 +201,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     by length, longest first, so an out-of-memory error shows on the first batch.
 
     With several processes every one builds the same batch list (same seed) and takes every
-    `world_size`-th batch. Training pads the list by repeating batches so all processes step
-    together; evaluation does not, so each example is evaluated exactly once.
+    `world_size`-th batch, the same number of batches in every process. Training repeats batches
+    to get there; evaluation splits batches, so each example is evaluated exactly once.
     """
 
     def __init__(
@@ -222,10 +222,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        batches = (len(self.lengths) + self.batch_size - 1) // self.batch_size
-        if self.shuffle:
-            return (batches + self.world_size - 1) // self.world_size
-        return len(range(self.rank, batches, self.world_size))
+        return len(self._own_batches())
 
     def _batches(self, indices: list[int]) -> list[list[int]]:
         return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
@@ -246,8 +243,17 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rng.shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _own_batches(self) -> list[list[int]]:
         batches = self._all_batches()
-        if self.shuffle and len(batches) % self.world_size:
-            batches += batches[: self.world_size - len(batches) % self.world_size]
-        yield from batches[self.rank :: self.world_size]
+        if self.shuffle:  # training: repeat batches so that every process has as many
+            batches += batches[: -len(batches) % self.world_size]
+        else:  # evaluation: split batches instead, so every example is seen once and every process
+            # still runs as many steps (a collective in one process's step would otherwise hang)
+            while len(batches) % self.world_size and max(map(len, batches)) > 1:
+                largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+                batch = batches.pop(largest)
+                batches[largest:largest] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._own_batches()

@@ -134,7 +134,8 @@ class FineTuneModule(LightningModule):
         metrics.reset()
         if not values:
             return
-        self.log_dict(values, prog_bar=False)
+        # The values are already global; sync_dist only tells Lightning so (averaging equal numbers).
+        self.log_dict(values, prog_bar=False, sync_dist=True)
         if stage != "train" and not self.trainer.sanity_checking:
             summary = "  ".join(f"{k}={v:.4f}" for k, v in values.items())
             self.print(f"epoch {self.current_epoch} {summary}")

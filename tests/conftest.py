@@ -61,6 +61,12 @@ def make_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def reversal_rows(n=8, seed=0):
+    rng = random.Random(seed)
+    words = sum(WORDS.values(), [])
+    return [{"source": " ".join(w), "target": " ".join(reversed(w))} for w in (rng.sample(words, 4) for _ in range(n))]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)

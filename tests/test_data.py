@@ -175,3 +175,19 @@ def test_unknown_backbone_path_is_named(tmp_path):
         FineTuneModule("no-such-org/no-such-model", "classification")
     with pytest.raises(ValueError, match=r"model.backbone: the directory '.*' exists but is not a Hugging Face model"):
         FineTuneModule(str(tmp_path), "classification")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+@pytest.mark.parametrize("n, batch_size, world_size", [(31, 4, 2), (30, 8, 3), (5, 4, 2), (64, 8, 2)])
+def test_processes_get_equal_batch_counts_and_evaluation_sees_each_example_once(n, batch_size, world_size, shuffle):
+    lengths = [(7 * i) % 13 + 1 for i in range(n)]
+    shares = [list(LengthGroupedBatchSampler(lengths, batch_size, seed=0, shuffle=shuffle, group=True,
+                                             rank=rank, world_size=world_size)) for rank in range(world_size)]
+    assert len({len(share) for share in shares}) == 1
+    assert all(len(share) == len(LengthGroupedBatchSampler(lengths, batch_size, 0, shuffle, True, rank, world_size))
+               for rank, share in enumerate(shares))
+    seen = [i for share in shares for batch in share for i in batch]
+    if shuffle:  # training: every example, some repeated to even out the processes
+        assert set(seen) == set(range(n))
+    else:
+        assert sorted(seen) == list(range(n))

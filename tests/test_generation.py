@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
-from conftest import SHARED, WORDS, write_jsonl
+from conftest import SHARED, reversal_rows, write_jsonl
 from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.module import FineTuneModule
@@ -20,12 +20,6 @@ from tasks.translation import SacreBLEU
 
 MULTI30K = SHARED / "data" / "multi30k" / "validation.jsonl"
 needs_multi30k = pytest.mark.skipif(not MULTI30K.is_file(), reason="../shared/data/multi30k is not here")
-
-
-def reversal_rows(n=8, seed=0):
-    rng = random.Random(seed)
-    words = sum(WORDS.values(), [])
-    return [{"source": " ".join(w), "target": " ".join(reversed(w))} for w in (rng.sample(words, 4) for _ in range(n))]
 
 
 def module_for(backbone, task="translation", **task_args) -> FineTuneModule:

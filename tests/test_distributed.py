@@ -1,0 +1,85 @@
+"""Two CPU processes (DDP over gloo), as `finetune` runs on several GPUs or nodes: training works,
+evaluation counts every example exactly once, predictions come back whole and in order."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import make_rows, reversal_rows, write_jsonl
+from finetune.cli import run
+
+pytestmark = pytest.mark.slow
+
+
+def finetune(*args: str, cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def last_validation(root: Path) -> dict[str, float]:
+    (path,) = root.rglob("metrics.csv")
+    rows = [r for r in csv.DictReader(path.open()) if r.get("val/loss")]
+    return {k: float(v) for k, v in rows[-1].items() if k.startswith("val/") and v}
+
+
+TASKS = {
+    "classification": ("tiny_bert", ["--model.task=TextClassification", "--model.lora.target_modules=all-linear",
+                                      "--model.optimizer.lr=0.01"]),
+    "translation": ("tiny_t5", ["--model.task=Translation", "--model.lora=null", "--model.optimizer.lr=0.01"]),
+}
+
+
+def data_for(task: str, tmp_path: Path) -> dict[str, str]:
+    if task == "classification":
+        train, val = make_rows(64, seed=1), make_rows(31, seed=2)  # 31: not divisible by 2 processes
+        predict = [{"text": r["text"]} for r in make_rows(17, seed=3)]
+    else:
+        train, val = reversal_rows(16) * 2, reversal_rows(31, seed=5)
+        predict = [{"source": r["source"]} for r in reversal_rows(17, seed=6)]
+    return {"train": write_jsonl(tmp_path / "train.jsonl", train), "val": write_jsonl(tmp_path / "val.jsonl", val),
+            "predict": write_jsonl(tmp_path / "predict.jsonl", predict)}
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_two_processes_train_evaluate_exactly_and_predict_in_order(task, request, tmp_path):
+    fixture, task_args = TASKS[task]
+    backbone = request.getfixturevalue(fixture)
+    files = data_for(task, tmp_path)
+    common = [f"--model.backbone={backbone}", *task_args, "--data.batch_size=4", "--data.eval_batch_size=4",
+              "--trainer.enable_progress_bar=false", "--seed_everything=0"]
+    two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+
+    # fit with 2 processes: the loss falls; the last validation ran over all 31 examples once
+    finetune("fit", *common, *two, f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
+             "--trainer.max_epochs=3", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}/two",
+             f"--trainer.default_root_dir={tmp_path}/two", cwd=tmp_path)
+    (path,) = (tmp_path / "two").rglob("metrics.csv")
+    losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(path.open()) if r.get("train/loss_epoch")]
+    assert losses[-1] < losses[0]
+    two_metrics = last_validation(tmp_path / "two")
+
+    # the checkpoint written by 2 processes loads in one; one process gets the same numbers
+    (ckpt,) = (tmp_path / "two").rglob("*.ckpt")
+    one = run(["validate", *common, f"--ckpt_path={ckpt}", f"--data.val_file={files['val']}",
+               f"--trainer.default_root_dir={tmp_path}/one"]).trainer.callback_metrics
+    assert two_metrics.keys() == {k for k in one if k.startswith("val/")}
+    for name, value in two_metrics.items():
+        assert value == pytest.approx(float(one[name]), abs=1e-6), name
+    print(task, {name: round(value, 6) for name, value in two_metrics.items()})
+
+    # predict with 2 processes writes the same file as with 1
+    outputs = {}
+    for label, extra in (("one", []), ("two", two)):
+        out = tmp_path / f"predictions-{label}.jsonl"
+        finetune("predict", *common, *extra, f"--ckpt_path={ckpt}", f"--data.predict_file={files['predict']}",
+                 f"--predictions.output_file={out}", f"--trainer.default_root_dir={tmp_path}/p{label}", cwd=tmp_path)
+        outputs[label] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(outputs["two"]) == 17
+    assert outputs["two"] == outputs["one"]
