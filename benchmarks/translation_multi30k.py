@@ -32,7 +32,7 @@ def throughput(ckpt: str, val_file: str, beams: int) -> float:
     module = FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     module.task.generation.num_beams = beams
     data = DataModule(val_file=val_file, batch_size=32)
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1)
+    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1, current_epoch=0)
     data.setup("validate")
     count, start = 0, time.perf_counter()
     for batch in data.val_dataloader():

@@ -52,14 +52,23 @@ def load_config_and_tokenizer(
 
 
 def load_model(
-    auto_model: type, backbone: str, trust_remote_code: bool = False, **kwargs: Any
+    auto_model: type, backbone: str, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
+    **kwargs: Any,
 ) -> tuple[PreTrainedModel, list[str]]:
     """The backbone with the task's head, and the names of weights the checkpoint did not have
     (the new head, and e.g. a pooler a sentence-embedding checkpoint dropped): those must be trained."""
     path = resolve(backbone)
+    if not allow_pickle_weights and Path(path).is_dir() and not list(Path(path).glob("*.safetensors")) and (
+        list(Path(path).glob("*.bin")) or list(Path(path).glob("*.pt"))
+    ):
+        raise InputError(
+            f"model.backbone: {backbone!r} has only pickle-based weights (*.bin / *.pt), which can run code "
+            "when loaded. Convert them to safetensors, or set model.allow_pickle_weights: true if you trust them"
+        )
     try:
         model, info = auto_model.from_pretrained(
-            path, trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+            path, trust_remote_code=trust_remote_code, output_loading_info=True,
+            use_safetensors=None if allow_pickle_weights else True, **kwargs,
         )
     except (OSError, ValueError) as err:
         raise InputError(_explain(backbone, err)) from err

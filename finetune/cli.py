@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import sys
 import warnings
 from typing import Optional
@@ -9,8 +10,9 @@ from typing import Optional
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from finetune.checkpointing import AtomicCheckpointIO, StopOnSignal
 from finetune.data import DataModule
-from finetune.errors import InputError
+from finetune.errors import InputError, NonFiniteLossError
 from finetune.export import export
 from finetune.module import FineTuneModule
 from finetune.predictions import PredictionWriter
@@ -25,6 +27,7 @@ writes a PEFT adapter and a merged model from a checkpoint."""
 class FineTuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
+        parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")
 
 
 def print_tasks() -> None:
@@ -46,7 +49,10 @@ def run(args: Optional[list[str]] = None) -> FineTuneCLI:
         args=args,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # model.optimizer / model.scheduler configure them
-        trainer_defaults={"use_distributed_sampler": False},  # the data module shards batches itself
+        trainer_defaults={
+            "use_distributed_sampler": False,  # the data module shards batches itself
+            "plugins": [AtomicCheckpointIO()],  # a kill while saving keeps the previous checkpoint
+        },
         parser_kwargs={"description": DESCRIPTION},
     )
 
@@ -62,6 +68,13 @@ def main(args: Optional[list[str]] = None) -> None:
             run(args)
     except InputError as err:  # the message says what to fix; a traceback would only bury it
         print(f"finetune: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteLossError as err:
+        print(f"finetune: error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickled object
+        print(f"finetune: error: refusing to load a checkpoint that holds pickled Python objects, which "
+              f"could run code: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
 
 

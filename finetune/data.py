@@ -83,6 +83,7 @@ class DataModule(LightningDataModule):
         self.preprocessing_workers = preprocessing_workers
         self.seed = seed
         self.features: dict[str, datasets.Dataset] = {}
+        self.resume_state: Optional[dict[str, int]] = None
 
     # --- reading -------------------------------------------------------------------------------
     def source(self, split: str) -> str:
@@ -162,11 +163,22 @@ class DataModule(LightningDataModule):
                                             rank=self.trainer.global_rank, world_size=self.trainer.world_size)
         return DataLoader(
             features.remove_columns("length"),
-            batch_sampler=sampler,
+            batch_sampler=TrainingBatches(sampler, self) if train else sampler,
             collate_fn=functools.partial(task.collate, tokenizer=tokenizer),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    # Checkpoints store where training is in the epoch, so a resumed run continues with the
+    # next batch of the same order (Lightning calls these when saving and restoring).
+    def state_dict(self) -> dict[str, int]:
+        if self.trainer is None or not self.trainer.training:
+            return {}
+        progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_state = state or None
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -221,6 +233,7 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:  # called by Lightning before each epoch
         self.epoch = epoch
 
+
     def __len__(self) -> int:
         return len(self._own_batches())
 
@@ -257,3 +270,24 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._own_batches()
+
+
+class TrainingBatches(Sampler[list[int]]):
+    """The training loader's batches: the epoch's shuffle and, after a resume, where in the epoch
+    to continue. Both are read when the epoch's first batch is drawn, since Lightning may create the
+    loader's iterator before it restores a checkpoint."""
+
+    def __init__(self, sampler: LengthGroupedBatchSampler, datamodule: "DataModule") -> None:
+        self.sampler = sampler
+        self.datamodule = datamodule
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = self.datamodule.trainer.current_epoch, 0
+        resume, self.datamodule.resume_state = self.datamodule.resume_state, None
+        if resume and resume["epoch"] == epoch:  # (a checkpoint from an epoch's end starts the next one)
+            skip = resume["batches_done"]
+        self.sampler.set_epoch(epoch)
+        yield from list(self.sampler)[skip:]

@@ -1,5 +1,9 @@
-"""The error for bad input: the message names the file, row or config key and what was expected."""
+"""Errors whose message tells the user what to fix; `finetune` prints the message, not a traceback."""
 
 
 class InputError(ValueError):
-    """Raised for anything the user can fix in their data or config; `finetune` prints just the message."""
+    """Bad data or config: the message names the file, row or config key and what was expected."""
+
+
+class NonFiniteLossError(ArithmeticError):
+    """The loss became NaN or infinite: the message names the step and the batch's examples."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional, Union
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from finetune.backbone import load_config_and_tokenizer, load_model
-from finetune.errors import InputError
+from finetune.errors import InputError, NonFiniteLossError
 from finetune.lora import LoraSettings, apply_lora
 from finetune.registry import build_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
@@ -31,8 +32,12 @@ class FineTuneModule(LightningModule):
         optimizer: called with the trainable parameters.
         scheduler: called with the optimizer and the run's total optimizer steps; stepped every step.
         gradient_checkpointing: trade compute for memory (non-reentrant, which works with LoRA).
+        skip_nonfinite_batches: skip (and count, as `train/skipped_batches`) a batch whose loss is
+            NaN or infinite instead of stopping the run with a message naming the step and examples.
         trust_remote_code: allow a backbone to run code from its repository. Off: only turn it on
             for repositories you trust.
+        allow_pickle_weights: allow backbone weights stored as pickle (`pytorch_model.bin`), which
+            can run code when loaded. Off: safetensors only.
     """
 
     def __init__(
@@ -43,7 +48,9 @@ class FineTuneModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: SchedulerCallable = LinearWarmupDecay,
         gradient_checkpointing: bool = False,
+        skip_nonfinite_batches: bool = False,
         trust_remote_code: bool = False,
+        allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__()
         self.task = build_task(task)
@@ -55,6 +62,9 @@ class FineTuneModule(LightningModule):
         self.backbone = backbone
         self.gradient_checkpointing = gradient_checkpointing
         self.trust_remote_code = trust_remote_code
+        self.skip_nonfinite_batches = skip_nonfinite_batches
+        self.allow_pickle_weights = allow_pickle_weights
+        self.skipped_batches = 0
         # Loaded now, so a wrong backbone fails before any data is read; the weights load in
         # `configure_model`, once the data has told the task what it needs (e.g. the label count).
         config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
@@ -68,7 +78,8 @@ class FineTuneModule(LightningModule):
         if self.model is not None:  # Lightning calls this once per stage
             return
         model, new_weights = load_model(
-            self.task.auto_model, self.backbone, self.trust_remote_code, **self.task.model_kwargs()
+            self.task.auto_model, self.backbone, self.trust_remote_code, self.allow_pickle_weights,
+            **self.task.model_kwargs(),
         )
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -102,8 +113,26 @@ class FineTuneModule(LightningModule):
             self.losses[f"{stage}_loss"].update(loss.detach(), self.task.loss_weight(batch))
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout masks depend on (seed, step, process) only, so a run resumed from any checkpoint
+        # continues exactly as the uninterrupted one would (no random state to carry over).
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        torch.manual_seed(seed + 1_000_003 * self.global_step + self.global_rank)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
+        loss = self._step(batch, "train")
+        if torch.isfinite(loss):  # (one host sync per step: the price of stopping at the bad step)
+            return loss
+        if self.skip_nonfinite_batches:
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches))
+            return None  # Lightning skips the optimizer step
+        examples = batch["index"].tolist()
+        raise NonFiniteLossError(
+            f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"{batch_idx}; examples {examples[:16]}{'...' if len(examples) > 16 else ''}, 0-based rows of "
+            "data.train_file). Lower the learning rate, check those rows, or set model.skip_nonfinite_batches: true"
+        )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -160,11 +189,16 @@ class FineTuneModule(LightningModule):
             if key in self.hparams and not isinstance(self.hparams[key], (dict, str)):
                 del self.hparams[key]
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores of the weights: the adapter and the fully trained modules."""
+        trainable = self.trainable_names()
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = self.trainable_names()
+        trainable = self.trainable_names()  # (Lightning filled state_dict already: filter, don't recompute)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         self._store_plain_hparams()
         checkpoint["hyper_parameters"] = dict(self.hparams)

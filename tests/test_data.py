@@ -16,7 +16,7 @@ def prepared(backbone, task=None, stage="fit", **files) -> DataModule:
     """A data module set up for `stage` against a module, as the Trainer would do it."""
     module = FineTuneModule(backbone, task or TextClassification())
     data = DataModule(**files, batch_size=8)
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1)
+    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1, current_epoch=0)
     data.setup(stage)
     return data
 
