@@ -17,7 +17,7 @@ CONFIG = REPO / "configs" / "classification.yaml"
 def demo_fit(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     cli = run(["fit", "--config", str(CONFIG), "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
-               f"--trainer.logger.init_args.save_dir={root}",
+               f"--trainer.logger.init_args.save_dir={root}", f"--trainer.callbacks.dirpath={root}/checkpoints",
                f"--predictions.output_file={root}/predictions.jsonl"])
     return root, cli
 
