@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
@@ -54,3 +56,25 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, modules_to_save: 
                 f"(e.g. ['q_proj', 'v_proj'])"
             ) from err
         raise InputError(f"model.lora.target_modules={settings.target_modules!r}: {err}") from err
+
+
+def quantized_loading(quantization: Optional[str], lora: Optional[LoraSettings]) -> dict[str, Any]:
+    """`from_pretrained` arguments that load the frozen backbone quantized (QLoRA), or none."""
+    if quantization is None:
+        return {}
+    if lora is None:
+        raise InputError("model.quantization needs LoRA (model.lora): quantized weights cannot be trained directly")
+    if not torch.cuda.is_available():
+        raise InputError(f"model.quantization={quantization!r} needs a CUDA GPU (bitsandbytes); this machine has "
+                         "none. Remove the setting to train in full precision here.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError(f"model.quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    # Quantized weights are placed on this process's GPU as they load; they cannot be moved later.
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}

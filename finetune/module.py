@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from peft import prepare_model_for_kbit_training
 from torch import nn
 from torchmetrics import MeanMetric
 
 from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError, NonFiniteLossError
-from finetune.lora import LoraSettings, apply_lora
+from finetune.lora import LoraSettings, apply_lora, quantized_loading
 from finetune.registry import build_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
@@ -32,6 +33,8 @@ class FineTuneModule(LightningModule):
         optimizer: called with the trainable parameters.
         scheduler: called with the optimizer and the run's total optimizer steps; stepped every step.
         gradient_checkpointing: trade compute for memory (non-reentrant, which works with LoRA).
+        quantization: load the frozen backbone in 4-bit NF4 or 8-bit through bitsandbytes (QLoRA);
+            needs a CUDA GPU.
         skip_nonfinite_batches: skip (and count, as `train/skipped_batches`) a batch whose loss is
             NaN or infinite instead of stopping the run with a message naming the step and examples.
         trust_remote_code: allow a backbone to run code from its repository. Off: only turn it on
@@ -48,6 +51,7 @@ class FineTuneModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: SchedulerCallable = LinearWarmupDecay,
         gradient_checkpointing: bool = False,
+        quantization: Optional[Literal["4bit", "8bit"]] = None,
         skip_nonfinite_batches: bool = False,
         trust_remote_code: bool = False,
         allow_pickle_weights: bool = False,
@@ -61,6 +65,7 @@ class FineTuneModule(LightningModule):
         self.scheduler_factory = scheduler
         self.backbone = backbone
         self.gradient_checkpointing = gradient_checkpointing
+        self.quantization = quantization
         self.trust_remote_code = trust_remote_code
         self.skip_nonfinite_batches = skip_nonfinite_batches
         self.allow_pickle_weights = allow_pickle_weights
@@ -79,9 +84,11 @@ class FineTuneModule(LightningModule):
             return
         model, new_weights = load_model(
             self.task.auto_model, self.backbone, self.trust_remote_code, self.allow_pickle_weights,
-            **self.task.model_kwargs(),
+            **self.task.model_kwargs(), **quantized_loading(self.quantization, self.lora),
         )
-        if self.gradient_checkpointing:
+        if self.quantization:
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
+        elif self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.lora is not None:
             # Weights the pretrained checkpoint lacked (the head; a pooler some checkpoints drop)

@@ -1,10 +1,13 @@
 """The module's switches: LoRA variants, full fine-tuning, gradient checkpointing, precision."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from conftest import fit_args, make_rows, write_jsonl
 from finetune.cli import main, run
+from finetune.errors import InputError
 from finetune.lora import LoraSettings
 from finetune.module import FineTuneModule
 from tasks.classification import TextClassification
@@ -101,3 +104,20 @@ def test_cli_prints_input_errors_without_a_traceback(tiny_bert, toy_files, tmp_p
     err = capsys.readouterr().err
     assert "finetune: error: data.train_file" in err and "has no column 'sentiment'" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_quantization_without_cuda_stops_with_a_clear_message(tiny_bert):
+    with pytest.raises(InputError, match=r"model.quantization='4bit' needs a CUDA GPU \(bitsandbytes\)"):
+        built(tiny_bert, LoraSettings(), quantization="4bit")
+
+
+def test_strategy_configs_compose_with_task_configs(capsys):
+    configs = Path(__file__).parents[1] / "configs"
+    for strategy in ("ddp", "qlora"):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(configs / "classification.yaml"), "--config",
+                  str(configs / "strategies" / f"{strategy}.yaml"), "--print_config"])
+        out = capsys.readouterr().out
+        assert "TextClassification" in out
+        assert ("DDPStrategy" if strategy == "ddp" else "quantization: 4bit") in out
