@@ -16,6 +16,7 @@ from finetune.errors import InputError, NonFiniteLossError
 from finetune.export import export
 from finetune.module import FineTuneModule
 from finetune.predictions import PredictionWriter
+from finetune.preflight import check_output_dirs
 from finetune.registry import import_registered_tasks, registered_tasks
 
 DESCRIPTION = """Fine-tune Hugging Face models with LoRA.
@@ -28,6 +29,9 @@ class FineTuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")
+
+    def before_fit(self) -> None:
+        check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
 
 
 def print_tasks() -> None:

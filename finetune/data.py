@@ -98,13 +98,28 @@ class DataModule(LightningDataModule):
             own = self.trainer.lightning_module.task.read_file(path)
             if own is not None:
                 return own
+            fmt = FORMATS[Path(path).suffix.lower()]
+            options: dict[str, Any] = {}
+            if fmt == "csv":  # texts as written ("NA", "null", "007" are texts); only empty cells are missing
+                options = {"keep_default_na": False, "na_values": [""],
+                           "converters": dict.fromkeys(_text_columns(self.trainer.lightning_module.task), str)}
             try:
-                return datasets.load_dataset(FORMATS[Path(path).suffix.lower()], data_files=path, split="train")
+                raw = datasets.load_dataset(fmt, data_files=path, split="train", **options)
+                if fmt == "json":  # pyarrow reads bytes that are not UTF-8 into strings that fail later
+                    raw.data.table.validate(full=True)
             except Exception as err:  # datasets wraps parser errors in several types
                 if "corresponds to no data" in str(err):
                     raise InputError(f"{self.source(split)} is empty") from err
-                cause = err.__cause__ or err
-                raise InputError(f"{self.source(split)}: could not be read: {cause}") from err
+                problem = _read_problem(path, fmt, err)
+                if problem == "empty":
+                    raise InputError(f"{self.source(split)} is empty") from err
+                raise InputError(f"{self.source(split)}: could not be read: {problem}") from err
+            problem = _json_layout_problem(path) if fmt == "json" else None
+            if fmt == "csv" and any(column.startswith("__index_level_") for column in raw.column_names):
+                problem = "the first row has more fields than the header (quote fields that contain the delimiter)"
+            if problem:
+                raise InputError(f"{self.source(split)}: could not be read: {problem}")
+            return raw
         if self.dataset is None:
             return None
         try:
@@ -113,6 +128,8 @@ class DataModule(LightningDataModule):
             if split != "train" and "Unknown split" in str(err):
                 return None
             raise InputError(f"{self.source(split)}: {err}") from err
+        except Exception as err:  # not found, unreachable hub (offline), scripts no longer supported, ...
+            raise InputError(_dataset_problem(self.dataset, self.dataset_config, err)) from err
 
     def check_columns(self, task: Task, raw: datasets.Dataset, split: str) -> None:
         required = dict(task.input_columns())
@@ -126,6 +143,9 @@ class DataModule(LightningDataModule):
                     f"{self.source(split)} has no column {column!r} (model.task.init_args.{key}); "
                     f"its columns are: {', '.join(raw.column_names)}.{hint}"
                 )
+        problem = _text_problem(task, raw) or _mixed_types_problem(raw, list(required.values()))
+        if problem:
+            raise InputError(f"{self.source(split)}, {problem}")
 
     # --- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -151,6 +171,7 @@ class DataModule(LightningDataModule):
                 num_proc=self.preprocessing_workers,
                 desc=f"Tokenizing {split}",
             )
+            _warn_truncated(task, tokenizer, raw, self.features[split], split, self.source(split), with_targets)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         features = self.features[split]
@@ -291,3 +312,244 @@ class TrainingBatches(Sampler[list[int]]):
             skip = resume["batches_done"]
         self.sampler.set_epoch(epoch)
         yield from list(self.sampler)[skip:]
+
+
+# --- checks of the raw data: one message naming the file, the line or row and the column ------------
+
+def _text_columns(task: Task) -> list[str]:
+    """The task's input columns that hold text: all of them but ids (e.g. question answering's
+    `id_column`, which may hold numbers). Columns of nested records are told apart by their values."""
+    return [column for key, column in task.input_columns().items() if not key.endswith("id_column")]
+
+
+def _kind(value: Any) -> Optional[str]:
+    """A value's JSON type, with its article (None for null)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _column_values(raw: datasets.Dataset, column: str) -> list:
+    if isinstance(raw.features[column], (datasets.Value, datasets.Sequence, getattr(datasets, "List", ()))):
+        return raw.select_columns([column]).with_format("arrow")[:].column(column).to_pylist()  # fast
+    return list(raw[column])  # features that decode (e.g. mixed-type columns read as JSON)
+
+
+def _text_problem(task: Task, raw: datasets.Dataset) -> Optional[str]:
+    """The first row whose text is missing, empty, only whitespace or not a string."""
+    for column in _text_columns(task):
+        if column not in raw.column_names or isinstance(raw.features[column], dict):
+            continue  # nested records (e.g. translation pairs {lang: text}): the task reads and checks them
+        values = _column_values(raw, column)
+        if all(isinstance(value, dict) for value in values):
+            continue
+        for row, value in enumerate(values, start=1):
+            if isinstance(value, str):
+                if value and not value.isspace():
+                    continue
+                what = "is empty" if not value else f"holds only whitespace ({value!r:.40})"
+            elif value is None:
+                what = "is missing or null"
+            else:
+                what = f"must hold text, got {_kind(value)}: {value!r:.60}"
+            return f"row {row}: column {column!r} {what}"
+    return None
+
+
+def _mixed_types_problem(raw: datasets.Dataset, columns: list[str]) -> Optional[str]:
+    """The first row of a column whose values are of different types (read from JSON as a mixed
+    column; a label column of numbers and strings, say)."""
+    for column in columns:
+        if column not in raw.column_names or type(raw.features[column]).__name__ != "Json":
+            continue
+        first = None
+        for row, value in enumerate(raw[column], start=1):
+            if value is None:
+                continue
+            if first is None:
+                first = (row, value)
+            elif _kind(value) != _kind(first[1]):
+                return (f"row {row}: column {column!r} holds {_kind(value)} ({value!r:.60}) but row {first[0]} holds "
+                        f"{_kind(first[1])} ({first[1]!r:.60}); all values of a column must have one type")
+    return None
+
+
+def _dataset_problem(name: str, config: Optional[str], err: Exception) -> str:
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        return f"data.dataset: {name!r} does not exist (it names a local directory)"
+    with_config = f" with data.dataset_config {config!r}" if config else ""
+    return f"data.dataset: could not load {name!r}{with_config}: {detail}"
+
+
+def _read_problem(path: str, fmt: str, err: Exception) -> str:
+    """Why `datasets` could not read a file, in words and with the line where there is one ("empty":
+    no rows). Only runs after reading failed, so it may read the whole file again."""
+    import re
+
+    causes: list[BaseException] = []
+    cause: Optional[BaseException] = err
+    while cause is not None and cause not in causes:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    message = " ".join(str(c) for c in causes)
+    if fmt in ("json", "csv"):
+        data = Path(path).read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            line = data[: bad.start].count(b"\n") + 1
+            return f"line {line}: not UTF-8 text (byte {data[bad.start]:#04x}); save the file as UTF-8"
+        if fmt == "json":
+            problem = _json_problem(text, mixed_types="changed from" in message)
+            if problem:
+                return problem
+            column = re.search(r"Column\(/?([^)]*)\) changed from (\w+) to (\w+)", message)
+            if column:  # (older `datasets`: pyarrow could not infer one type for the column)
+                return (f"column {column.group(1)!r} holds values of different types ({column.group(2)} and "
+                        f"{column.group(3)}); all values of a column must have one type")
+        elif not text.strip():
+            return "empty"
+        else:
+            fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", message)
+            if fields:
+                expected, line, saw = fields.groups()
+                return (f"line {line}: {saw} fields where the header has {expected} (quote fields that contain the "
+                        f"delimiter)")
+            quote = re.search(r"EOF inside string starting at row (\d+)", message)
+            if quote:
+                return f"line {int(quote.group(1)) + 1}: a quoted field is never closed (unbalanced \")"
+    last = err.__cause__ or err
+    return f"{str(last).strip() or type(last).__name__}"
+
+
+def _json_problem(text: str, mixed_types: bool = False) -> Optional[str]:
+    """The first problem of a JSON Lines file or JSON list of rows: invalid JSON (with its line and
+    column), a row that is not an object, and with `mixed_types` a column whose values change type.
+    Blank lines are skipped, as `datasets` does. "empty" when there is nothing but whitespace."""
+    import json
+
+    text = text.removeprefix("\ufeff")
+    if not text.strip():
+        return "empty"
+    rows: list[tuple[str, Any]] = []
+    if text.lstrip().startswith("["):  # one JSON list of rows
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
+        rows = [(f"item {i} of the list", row) for i, row in enumerate(document, start=1)]
+    else:
+        for number, line in enumerate(text.split("\n"), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                if not rows:  # maybe one JSON document spread over several lines
+                    try:
+                        document = json.loads(text)
+                    except json.JSONDecodeError:
+                        pass
+                    else:
+                        return (f"the file holds one JSON {_kind(document)[2:].lstrip()} over several lines; "
+                                "expected JSON Lines (one object per line) or a list of objects [{...}, ...]")
+                return f"line {number}: invalid JSON: {err.msg} (column {err.colno})"
+    first: dict[str, tuple[str, Any]] = {}
+    for where, row in rows:
+        if not isinstance(row, dict):
+            return f"{where} is {_kind(row) or 'null'} ({row!r:.60}), not an object {{...}} (one object per row)"
+        for key, value in row.items() if mixed_types else ():
+            if value is None:
+                continue
+            seen = first.setdefault(key, (where, value))
+            if _kind(value) != _kind(seen[1]):
+                return (f"{where}: column {key!r} holds {_kind(value)} ({value!r:.60}) but {seen[0]} holds "
+                        f"{_kind(seen[1])} ({seen[1]!r:.60}); all values of a column must have one type")
+    return None
+
+
+def _json_layout_problem(path: str) -> Optional[str]:
+    """A JSON file `datasets` reads without complaint but not as rows: a list of strings or numbers
+    (read as a 'text' column), or one object over several lines (read as one row). Reads the first
+    line or two only."""
+    import json
+
+    with open(path, "rb") as f:
+        lines = (line for line in f if line.strip())
+        first = next(lines, b"").removeprefix(b"\xef\xbb\xbf").strip()
+        if first.startswith(b"["):
+            rest = first[1:].lstrip() or next(lines, b"").lstrip()
+            if rest[:1] not in (b"{", b"]", b""):
+                kind = {b'"': "strings", b"[": "lists", b"t": "booleans", b"f": "booleans", b"n": "nulls"}.get(
+                    rest[:1], "numbers")
+                return f"the file is a JSON list of {kind}; expected a list of objects [{{...}}, ...], one per row"
+            return None
+    if first.startswith(b"{"):
+        try:
+            json.loads(first)
+        except ValueError:
+            return ("the file holds one JSON object over several lines; expected JSON Lines (one object per line) "
+                    "or a list of objects [{...}, ...]")
+    return None
+
+
+class _LongerByOne:
+    """A tokenizer that truncates one token later than it is asked to: what it returns longer than the
+    real tokenizer did was truncated."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(kwargs.get("max_length"), int):
+            kwargs["max_length"] += 1
+        return self._tokenizer(*args, **kwargs)
+
+
+def _warn_truncated(
+    task: Task, tokenizer: Any, raw: datasets.Dataset, features: datasets.Dataset, split: str, source: str,
+    with_targets: bool,
+) -> None:
+    """Warn once per split when the task's maximum length cut examples short. Truncated sequences
+    all have the longest length of the split; those examples are tokenized again one token longer
+    to see which were cut. Tasks that cut long inputs into windows (more features than examples)
+    lose nothing and are skipped."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    if len(features) != len(raw) or len(raw) == 0:
+        return
+    table = features.with_format("arrow")[:]
+    lengths = {key: pc.list_value_length(table.column(key)).to_pylist() for key in ("input_ids", "labels")
+               if key in table.column_names and pa.types.is_list(table.column(key).type)
+               and pa.types.is_integer(table.column(key).type.value_type)}  # token ids (not multi-hot labels)
+    longest = {key: [i for i, n in enumerate(values) if n == top] for key, values in lengths.items()
+               for top in [max(values)] if top}
+    rows = sorted({i for indices in longest.values() for i in indices})
+    if not rows:
+        return
+    try:  # a check only: it never stops a run
+        again = task.preprocess(raw.select(rows)[:], _LongerByOne(tokenizer), with_targets)
+        if any(len(again[key]) != len(rows) for key in longest):
+            return
+        position = {row: j for j, row in enumerate(rows)}
+        cut = {key: {i for i in indices if len(again[key][position[i]]) > lengths[key][i]}
+               for key, indices in longest.items()}
+    except Exception:
+        return
+    count = len(set().union(*cut.values()))
+    if count:
+        what = ", ".join(f"{len(cut[key])} {'inputs' if key == 'input_ids' else 'targets'}" for key in cut if cut[key])
+        settings = ", ".join(f"model.task.init_args.{k}={v}" for k, v in vars(task).items()
+                             if k.startswith("max_") and k.endswith("length"))
+        rank_zero_warn(f"{source}: {count} of {len(raw)} {split} examples are longer than the task's maximum length "
+                       f"and were truncated ({what}); raise {settings or 'the maximum length'} to keep more of them")

@@ -1,0 +1,60 @@
+"""Checks before training starts: a run whose outputs cannot be written fails in seconds, with one
+message naming the setting, instead of after its first epoch."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from finetune.errors import InputError
+
+
+class OutputDirsCheck(Callback):
+    """On `fit`, checks that the directories training writes to can be written (`check_output_dirs`).
+
+    Lightning creates its loggers' directories before any callback's `setup`, so an unwritable
+    logger `save_dir` (by default `trainer.default_root_dir`) fails there first, with an OSError;
+    call `check_output_dirs(trainer)` before `trainer.fit` (LightningCLI: in `before_fit`) to
+    catch that case too."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_output_dirs(trainer)
+
+
+def check_output_dirs(trainer: Any) -> None:
+    """Raise InputError naming the setting when a directory `fit` writes to cannot be written: the
+    Trainer's `default_root_dir`, each logger's `save_dir` and each `ModelCheckpoint`'s `dirpath`
+    (local paths; remote ones such as `s3://` are left to their filesystem). Missing directories are
+    created, as training would create them. Every process checks, so that all stop together."""
+    for setting, path in output_dirs(trainer):
+        problem = unwritable(path)
+        if problem:
+            raise InputError(f"{setting}: cannot write to {path!r}: {problem}")
+
+
+def output_dirs(trainer: Any) -> list[tuple[str, str]]:
+    """(setting, directory) for every local directory a `fit` run writes to."""
+    dirs = [("trainer.default_root_dir", trainer.default_root_dir)]
+    for logger in trainer.loggers:
+        dirs.append((f"trainer.logger ({type(logger).__name__}) save_dir", getattr(logger, "save_dir", None)))
+    for callback in trainer.checkpoint_callbacks:
+        dirs.append(("trainer.callbacks (ModelCheckpoint) dirpath", getattr(callback, "dirpath", None)))
+    return [(setting, str(path)) for setting, path in dirs if path is not None and "://" not in str(path)]
+
+
+def unwritable(path: str) -> Optional[str]:
+    """Why a file cannot be created in directory `path` (created if missing), or None if it can."""
+    directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        return "it is a file, not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
