@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import importlib
+import inspect
 import pickle
+import re
 import sys
 import warnings
-from typing import Optional
+from typing import NoReturn, Optional
 
 from jsonargparse import CLI
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -23,6 +28,45 @@ DESCRIPTION = """Fine-tune Hugging Face models with LoRA.
 
 Also: `finetune tasks` lists the registered tasks; `finetune export --ckpt_path C --output_dir D`
 writes a PEFT adapter and a merged model from a checkpoint."""
+
+
+def init_options(class_path: str) -> list[str]:
+    """The constructor options of a class, including those it passes on to its parents (**kwargs)."""
+    module, _, name = class_path.rpartition(".")
+    options: list[str] = []
+    for klass in getattr(importlib.import_module(module), name).__mro__[:-1]:
+        names = inspect.signature(klass.__init__).parameters
+        options += [n for n in names if n not in ("self", "args", "kwargs") and n not in options]
+    return options
+
+
+class FineTuneParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors about an unknown option also list the valid ones."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        key = re.search(r'Parser key "([\w.]+)"', message)
+        option = re.search(r"Option '(\w+)' is not accepted", message)
+        class_path = re.search(r"class_path '([\w.]+)'", message)
+        if key and option:
+            valid = init_options(class_path.group(1)) if class_path else self._options_under(key.group(1))
+            if valid:
+                close = difflib.get_close_matches(option.group(1), valid, n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                summary = f"{key.group(1)}: unknown option {option.group(1)!r}.{hint} Valid: {', '.join(valid)}"
+                message = f"{summary}\n{message}"
+        super().error(message, ex)
+
+    def _options_under(self, key: str) -> list[str]:
+        for parser in [self, *getattr(getattr(self, "_subcommands_action", None), "_name_parser_map", {}).values()]:
+            try:
+                value = parser.get_defaults().get(key)
+            except Exception:  # not this subcommand's key
+                continue
+            if dataclasses.is_dataclass(value):
+                return [f.name for f in dataclasses.fields(value)]
+            if value is not None and hasattr(value, "init_args"):
+                return list(vars(value.init_args))
+        return []
 
 
 class FineTuneCLI(LightningCLI):
@@ -58,6 +102,7 @@ def run(args: Optional[list[str]] = None) -> FineTuneCLI:
             "plugins": [AtomicCheckpointIO()],  # a kill while saving keeps the previous checkpoint
         },
         parser_kwargs={"description": DESCRIPTION},
+        parser_class=FineTuneParser,
     )
 
 

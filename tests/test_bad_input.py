@@ -439,3 +439,17 @@ def test_csv_reads_exactly_or_names_the_file(rows, bom, quote_all, newline):
         assert result == [{"text": text, "label": label} for text, label in rows]
     else:
         assert isinstance(result, InputError)
+
+
+def test_unknown_config_option_names_the_key_and_lists_the_valid_ones(tmp_path, capsys):
+    from finetune.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "classification.yaml"
+    for override, expected in (
+        ("--model.task.init_args.text_colum=x", "model.task: unknown option 'text_colum'. Did you mean "
+                                                "'text_column'? Valid: text_column, text_pair_column, label_column"),
+        ("--model.lora.rank=4", "model.lora: unknown option 'rank'. Valid: r, alpha, dropout, target_modules"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["fit", "--config", str(config), override])
+        assert expected in capsys.readouterr().err
