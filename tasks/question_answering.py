@@ -334,7 +334,7 @@ class SquadMetric(Metric):
             getattr(self, name).append(value)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        if not self.index:
+        if isinstance(self.index, list) and not self.index:  # (after a sync the states are tensors)
             return {"exact_match": torch.tensor(0.0, dtype=torch.float64), "f1": torch.tensor(0.0, dtype=torch.float64)}
         index, score, start, end, null = (dim_zero_cat(getattr(self, n)).cpu()
                                           for n in ("index", "score", "start", "end", "null"))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_question_answering import code_rows
 
 from conftest import make_rows, reversal_rows, write_jsonl
 from finetune.cli import run
@@ -33,6 +34,9 @@ TASKS = {
     "classification": ("tiny_bert", ["--model.task=TextClassification", "--model.lora.target_modules=all-linear",
                                       "--model.optimizer.lr=0.01"]),
     "translation": ("tiny_t5", ["--model.task=Translation", "--model.lora=null", "--model.optimizer.lr=0.01"]),
+    "question_answering": ("tiny_bert", ["--model.task=QuestionAnswering", "--model.task.version_2_with_negative=true",
+                                         "--model.task.max_length=64", "--model.task.doc_stride=16",
+                                         "--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.01"]),
 }
 
 
@@ -40,9 +44,12 @@ def data_for(task: str, tmp_path: Path) -> dict[str, str]:
     if task == "classification":
         train, val = make_rows(64, seed=1), make_rows(31, seed=2)  # 31: not divisible by 2 processes
         predict = [{"text": r["text"]} for r in make_rows(17, seed=3)]
-    else:
+    elif task == "translation":
         train, val = reversal_rows(16) * 2, reversal_rows(31, seed=5)
         predict = [{"source": r["source"]} for r in reversal_rows(17, seed=6)]
+    else:  # contexts long enough that one example's windows land on different processes
+        train, val = code_rows(64, seed=1), code_rows(31, seed=2)
+        predict = [{k: r[k] for k in ("id", "question", "context")} for r in code_rows(17, seed=3)]
     return {"train": write_jsonl(tmp_path / "train.jsonl", train), "val": write_jsonl(tmp_path / "val.jsonl", val),
             "predict": write_jsonl(tmp_path / "predict.jsonl", predict)}
 
