@@ -33,7 +33,7 @@ class SacreBLEU(Metric):
 
     def compute(self) -> torch.Tensor:
         stats = [int(s) for s in self.stats.round().tolist()]  # counts: integers by construction
-        return torch.tensor(self.metric._compute_score_from_stats(stats).score)
+        return torch.tensor(self.metric._compute_score_from_stats(stats).score, dtype=torch.float64)
 
 
 class Translation(GenerationTask):
