@@ -4,7 +4,7 @@ The shared SQuAD sample is split by article, so no context is seen in both parts
 (default Southern_California, 324 questions) is evaluated, the other four (1,083) train. Prints
 EM/F1 of the untrained head (`finetune validate`) and after `finetune fit`, and the wall time.
 
-    python benchmarks/qa_minilm.py [path/to/dev_sample_v2.jsonl] [--epochs 2] [--max_length 256]
+    python benchmarks/qa_minilm.py [path/to/dev_sample_v2.jsonl] [--epochs 4] [--max_length 256]
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ def main() -> None:
     parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--doc_stride", type=int, default=96)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora_r", type=int, default=16)
     parser.add_argument("--out", default=None, help="where to write the split files (default: a temp dir)")
     args = parser.parse_args()
