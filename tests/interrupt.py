@@ -16,14 +16,3 @@ class SignalAtStep(Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), getattr(signal, self.signal_name))
-
-
-class RecordBatches(Callback):
-    """Appends each training step's example indices to `path` (debugging aid for resume tests)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{trainer.global_step} {batch_idx} {batch['index'].tolist()}\n")
