@@ -340,7 +340,8 @@ def _column_values(raw: datasets.Dataset, column: str) -> list:
 
 
 def _text_problem(task: Task, raw: datasets.Dataset) -> Optional[str]:
-    """The first row whose text is missing, empty, only whitespace or not a string."""
+    """The first row whose text is missing, empty, only whitespace or not a string (for a task that reads
+    pre-split words: not a list of words)."""
     for column in _text_columns(task):
         if column not in raw.column_names or isinstance(raw.features[column], dict):
             continue  # nested records (e.g. translation pairs {lang: text}): the task reads and checks them
@@ -348,14 +349,20 @@ def _text_problem(task: Task, raw: datasets.Dataset) -> Optional[str]:
         if all(isinstance(value, dict) for value in values):
             continue
         for row, value in enumerate(values, start=1):
-            if isinstance(value, str):
+            if task.is_split_into_words and isinstance(value, list):
+                bad = next((i for i, word in enumerate(value) if not isinstance(word, str) or not word.strip()), None)
+                if value and bad is None:
+                    continue
+                what = "is an empty list of words" if not value else f"word {bad} is not a word: {value[bad]!r:.40}"
+            elif isinstance(value, str) and not task.is_split_into_words:
                 if value and not value.isspace():
                     continue
                 what = "is empty" if not value else f"holds only whitespace ({value!r:.40})"
             elif value is None:
                 what = "is missing or null"
             else:
-                what = f"must hold text, got {_kind(value)}: {value!r:.60}"
+                expected = "a list of words" if task.is_split_into_words else "text"
+                what = f"must hold {expected}, got {_kind(value)}: {value!r:.60}"
             return f"row {row}: column {column!r} {what}"
     return None
 

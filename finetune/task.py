@@ -38,6 +38,8 @@ class Task:
     auto_model: ClassVar[type]
     #: Head modules (name suffixes) trained in full next to the LoRA adapter and saved with it.
     head_modules: ClassVar[tuple[str, ...]] = ()
+    #: The text columns hold lists of words instead of strings (token classification).
+    is_split_into_words: ClassVar[bool] = False
 
     # --- columns -------------------------------------------------------------------------------
     def input_columns(self) -> dict[str, str]:
