@@ -134,6 +134,10 @@ class Task:
         params = []  # a subclass may pass **kwargs on to its parent: collect along the MRO
         for klass in cls.__mro__[: cls.__mro__.index(Task)]:
             params += [p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")]
+        missing = [p for p in dict.fromkeys(params) if not hasattr(self, p)]
+        if missing:
+            raise TypeError(f"{cls.__name__} does not keep its constructor arguments {missing} in attributes of the "
+                            "same name, so checkpoints cannot store the task")
         values = {p: getattr(self, p) for p in dict.fromkeys(params)}
         values = {p: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for p, v in values.items()}
         return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": values}

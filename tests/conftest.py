@@ -102,22 +102,12 @@ def fit_args(backbone: str, files: dict[str, str], root: Path, *extra: str) -> l
     ]
 
 
-def save_tiny_tokenizer(path: Path, append_eos: bool) -> None:
-    """A byte-level BPE tokenizer trained on the toy words: T5 style (`append_eos`) or GPT-2 style."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+def save_tiny_tokenizer(path: Path, style: str) -> None:
+    """A byte-level BPE tokenizer trained on the toy words: T5 style (appends eos) or GPT-2 style."""
+    from finetune.testing import tiny_tokenizer
 
     corpus = [" ".join(words) for words in WORDS.values()] * 20 + ["the cat sat on the mat . a dog ran ."] * 20
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<pad>", "</s>", "<s>", "<unk>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    if append_eos:
-        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
-                            unk_token="<unk>").save_pretrained(path)
+    tiny_tokenizer(path, corpus, style)
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +116,7 @@ def tiny_t5(tmp_path_factory) -> str:
     from transformers import T5Config, T5ForConditionalGeneration
 
     path = tmp_path_factory.mktemp("tiny-t5")
-    save_tiny_tokenizer(path, append_eos=True)
+    save_tiny_tokenizer(path, "t5")
     torch.manual_seed(0)
     config = T5Config(vocab_size=400, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
@@ -140,7 +130,7 @@ def tiny_gpt2(tmp_path_factory) -> str:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     path = tmp_path_factory.mktemp("tiny-gpt2")
-    save_tiny_tokenizer(path, append_eos=False)
+    save_tiny_tokenizer(path, "gpt2")
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0)

@@ -1,8 +1,8 @@
-"""Two CPU processes (DDP over gloo), as `finetune` runs on several GPUs or nodes: training works,
-evaluation counts every example exactly once, predictions come back whole and in order."""
+"""Two CPU processes (DDP over gloo), as `finetune` runs on several GPUs or nodes: training works and
+its checkpoint loads in one process, with the same metrics. (Evaluation and prediction with two
+processes, for every task, are part of the conformance kit: tests/test_conformance.py.)"""
 
 import csv
-import json
 import os
 import subprocess
 import sys
@@ -43,19 +43,15 @@ TASKS = {
 def data_for(task: str, tmp_path: Path) -> dict[str, str]:
     if task == "classification":
         train, val = make_rows(64, seed=1), make_rows(31, seed=2)  # 31: not divisible by 2 processes
-        predict = [{"text": r["text"]} for r in make_rows(17, seed=3)]
     elif task == "translation":
         train, val = reversal_rows(16) * 2, reversal_rows(31, seed=5)
-        predict = [{"source": r["source"]} for r in reversal_rows(17, seed=6)]
     else:  # contexts long enough that one example's windows land on different processes
         train, val = code_rows(64, seed=1), code_rows(31, seed=2)
-        predict = [{k: r[k] for k in ("id", "question", "context")} for r in code_rows(17, seed=3)]
-    return {"train": write_jsonl(tmp_path / "train.jsonl", train), "val": write_jsonl(tmp_path / "val.jsonl", val),
-            "predict": write_jsonl(tmp_path / "predict.jsonl", predict)}
+    return {"train": write_jsonl(tmp_path / "train.jsonl", train), "val": write_jsonl(tmp_path / "val.jsonl", val)}
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_two_processes_train_evaluate_exactly_and_predict_in_order(task, request, tmp_path):
+def test_two_processes_train_and_evaluate_exactly(task, request, tmp_path):
     fixture, task_args = TASKS[task]
     backbone = request.getfixturevalue(fixture)
     files = data_for(task, tmp_path)
@@ -81,12 +77,3 @@ def test_two_processes_train_evaluate_exactly_and_predict_in_order(task, request
         assert value == pytest.approx(float(one[name]), abs=1e-6), name
     print(task, {name: round(value, 6) for name, value in two_metrics.items()})
 
-    # predict with 2 processes writes the same file as with 1
-    outputs = {}
-    for label, extra in (("one", []), ("two", two)):
-        out = tmp_path / f"predictions-{label}.jsonl"
-        finetune("predict", *common, *extra, f"--ckpt_path={ckpt}", f"--data.predict_file={files['predict']}",
-                 f"--predictions.output_file={out}", f"--trainer.default_root_dir={tmp_path}/p{label}", cwd=tmp_path)
-        outputs[label] = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(outputs["two"]) == 17
-    assert outputs["two"] == outputs["one"]

@@ -1,0 +1,370 @@
+"""Conformance kit for task plugins: one call checks a task against the contract in `finetune.task`.
+
+    from finetune.testing import check_task
+
+    def test_my_task_conforms(tmp_path):
+        rows = [{"text": "...", "label": "..."}, ...]   # a few dozen rows of your task's data
+        report = check_task(MyTask(), rows, workdir=tmp_path)
+        assert report.train_losses[-1] < report.train_losses[0]   # optional: it learns
+
+`check_task` builds a tiny backbone offline (a BERT, T5 or GPT-2 with a tokenizer trained on your
+rows, or any model directory you pass) and runs your task the way `finetune` runs it:
+  1. the task's config rebuilds an equal task and is plain data (what checkpoints store);
+  2. `finetune fit` for a few epochs, and in its first step, on real batches: `forward` -> `loss`
+     is a finite scalar whose gradient reaches every trainable weight; `loss_weight` is positive;
+     the metrics update, compute finite values and reset to a clean state; `predict` returns one
+     JSON-serialisable dict per feature and `merge_predictions` one row per example;
+  3. `finetune predict` from the saved checkpoint writes the same predictions as the model in memory;
+  4. with `processes=2`: `finetune validate` and `finetune predict` in two CPU processes (DDP over
+     gloo, on a validation set that does not split evenly) give the same metrics and the same file
+     as one process.
+A violation raises `ConformanceError` (an `AssertionError`) that names the hook to look at.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, NoReturn, Optional, Sequence, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torchmetrics import Metric, MetricCollection
+
+from finetune.registry import build_task
+from finetune.task import Task
+
+Architecture = Literal["bert", "t5", "gpt2"]
+ARCHITECTURES = ("bert", "t5", "gpt2")
+SPECIAL_TOKENS = {  # the first id is padding in both styles
+    "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "bpe": ["<pad>", "</s>", "<s>", "<unk>"],
+}
+
+
+class ConformanceError(AssertionError):
+    """A task breaks the contract; the message names the hook and what was expected."""
+
+
+@dataclass
+class ConformanceReport:
+    train_losses: list[float]  # `train/loss` per epoch of the short fit
+    metrics: dict[str, float]  # `finetune validate` in one process
+    metrics_by_processes: dict[int, dict[str, float]] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # the predict file's rows
+    checkpoint: Optional[Path] = None
+
+
+# --- tiny offline backbones ----------------------------------------------------------------------
+def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Literal["bert", "t5", "gpt2"],
+                   vocab_size: int = 400) -> None:
+    """Train a small tokenizer on `corpus` and save it: BERT-style WordPiece with [CLS]/[SEP] and
+    sentence pairs, or byte-level BPE that appends `</s>` (T5 style) or not (GPT-2 style)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if style == "bert":
+        specials = SPECIAL_TOKENS["bert"]
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        inputs = ["input_ids", "token_type_ids", "attention_mask"]
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                sep_token="[SEP]", mask_token="[MASK]", model_input_names=inputs).save_pretrained(path)
+        return
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS["bpe"], initial_alphabet=alphabet))
+    if style == "t5":
+        tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
+                            unk_token="<unk>").save_pretrained(path)
+
+
+def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Sequence[str]) -> str:
+    """A randomly initialised 2-layer, 32-wide model with a tokenizer trained on `corpus`, saved like a
+    pretrained model directory (safetensors): enough to run every code path of a task in seconds."""
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    tiny_tokenizer(path, corpus, architecture)
+    vocab_size = len(AutoTokenizer.from_pretrained(path))
+    torch.manual_seed(0)
+    if architecture == "bert":
+        model = BertModel(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=512, pad_token_id=0))
+    elif architecture == "t5":
+        model = T5ForConditionalGeneration(T5Config(
+            vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    else:
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0))
+    model.save_pretrained(path)
+    return str(path)
+
+
+def texts_of(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every string in the rows, however nested (a tokenizer's training corpus)."""
+    found: list[str] = []
+
+    def walk(value: Any) -> None:
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(list(rows))
+    return found
+
+
+# --- checks inside the first training step ---------------------------------------------------------
+def _fail(hook: str, problem: str) -> NoReturn:
+    raise ConformanceError(f"Task.{hook}: {problem}")
+
+
+class ContractChecks(Callback):
+    """Runs the hook checks once, on the first training batch and a validation and predict batch."""
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step > 0 or batch_idx > 0:
+            return
+        task, model = pl_module.task, pl_module.model
+        check_loss(task, model, pl_module, batch)
+        datamodule = trainer.datamodule
+        model.eval()
+        with torch.inference_mode():
+            val_batch = trainer.strategy.batch_to_device(next(iter(datamodule.val_dataloader())))
+            check_metrics(task, model, val_batch)
+            datamodule.setup("predict")
+            check_predict(task, model, trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader()))))
+        model.train()
+
+
+def check_loss(task: Task, model: torch.nn.Module, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    loss = task.loss(task.forward(model, batch), batch)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        _fail("loss", f"must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
+    if not torch.isfinite(loss):
+        _fail("loss", f"is {loss.item()} on the first training batch of the tiny backbone")
+    if not loss.requires_grad:
+        _fail("loss", "has no gradient: is it computed from the model's outputs (not under no_grad)?")
+    loss.backward()
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    unreached = [name for name, p in trainable if p.grad is None]
+    if unreached:  # (DDP also refuses to train such parameters)
+        _fail("loss", f"its gradient reaches none of {len(unreached)} trainable weights, e.g. {unreached[:3]}: is "
+                      "a module in `head_modules` unused by `forward`, or an output left out of the loss?")
+    norm = torch.sqrt(sum(p.grad.float().pow(2).sum() for _, p in trainable))
+    if not torch.isfinite(norm) or norm == 0:
+        _fail("loss", f"gradient norm is {norm.item()}")
+    module.zero_grad(set_to_none=True)
+    weight = task.loss_weight(batch)
+    if not int(weight) > 0:
+        _fail("loss_weight", f"must be a positive count of what the loss averages over, got {weight!r}")
+
+
+def check_metrics(task: Task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    metrics = task.metrics("val")
+    if not isinstance(metrics, (MetricCollection, Metric)):
+        _fail("metrics", f"must return a torchmetrics MetricCollection, got {type(metrics).__name__}")
+    if not task.evaluates("val", 0):
+        return
+    outputs = task.forward(model, batch)
+
+    def computed() -> dict[str, torch.Tensor]:
+        task.update_metrics(metrics, outputs, batch, model)
+        values = metrics.compute()
+        return values if isinstance(values, dict) else {"value": values}
+
+    first = computed()
+    if not first:
+        _fail("metrics", "computes no values")
+    for name, value in first.items():
+        if not isinstance(value, torch.Tensor) or not torch.isfinite(value.float()).all():
+            _fail("update_metrics", f"metric {name!r} computes {value!r}; expected a finite tensor")
+    metrics.reset()
+    again = computed()  # after a reset, one update must give the same values: no state survives `reset`
+    for name, value in first.items():
+        if not torch.allclose(value.float(), again[name].float(), equal_nan=True):
+            _fail("metrics", f"metric {name!r} is {again[name]} after reset and the same update, {value} before: "
+                             "declare all state with `add_state` so `reset` clears it")
+
+
+def check_predict(task: Task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    rows = task.predict(model, batch)
+    indices = batch["index"].tolist()
+    if not isinstance(rows, list) or len(rows) != len(indices) or not all(isinstance(r, dict) for r in rows):
+        _fail("predict", f"must return one dict per feature of the batch ({len(indices)}), got "
+                         f"{type(rows).__name__} of {len(rows) if isinstance(rows, list) else '?'}")
+    for row in rows:
+        try:
+            json.dumps(row)
+        except (TypeError, ValueError) as err:
+            _fail("predict", f"row {row!r:.200} is not JSON-serialisable ({err}): return plain Python values")
+    merged = task.merge_predictions(sorted(({**row, "index": i} for row, i in zip(rows, indices)),
+                                           key=lambda row: row["index"]))
+    merged_indices = [row.get("index") for row in merged]
+    if merged_indices != sorted(set(indices)):
+        _fail("merge_predictions", f"must return one row per example, with its `index`, in index order: got indices "
+                                   f"{merged_indices[:10]} for examples {sorted(set(indices))[:10]}")
+
+
+# --- the whole check ----------------------------------------------------------------------------------
+def check_task(
+    task: Union[Task, str, dict[str, Any]],
+    rows: Sequence[dict[str, Any]],
+    *,
+    workdir: Union[str, Path],
+    backbone: Union[Architecture, str] = "bert",
+    predict_rows: Optional[Sequence[dict[str, Any]]] = None,
+    processes: int = 2,
+    epochs: int = 3,
+    batch_size: int = 4,
+    extra_args: Sequence[str] = (),
+) -> ConformanceReport:
+    """Check `task` (an instance, a registered name or `{"class_path", "init_args"}`) on `rows` (its
+    training data: a few dozen rows; validation uses them too, minus one when that makes the split
+    even). `backbone`: "bert", "t5" (encoder-decoder) or "gpt2" (decoder-only) builds a tiny one;
+    anything else is a model name or directory. `predict_rows` default to `rows` without targets.
+    `processes` > 1 also checks evaluation and prediction under DDP (the task's module must be
+    importable: a subprocess runs it). `extra_args` are appended to every `finetune` command."""
+    from finetune.cli import run
+
+    workdir = Path(workdir)
+    task = build_task(task)
+    try:
+        config = task.config()
+        json.dumps(config)
+    except (TypeError, ValueError, AttributeError) as err:
+        _fail("config", f"must be plain data (checkpoints store it and load with weights_only=True): {err}")
+    if build_task(config).config() != config:
+        _fail("config", "does not rebuild an equal task: keep every constructor argument in an attribute of the same "
+                        "name (and pass **kwargs on to the parent class)")
+    if config["class_path"].startswith("__main__."):
+        _fail("config", "the task class is defined in __main__; define it in an importable module")
+    if not rows:
+        raise ValueError("check_task needs some rows of data")
+    inputs = set(task.input_columns().values())
+    val_rows = list(rows) if processes <= 1 or len(rows) % processes else list(rows)[:-1]
+    predict_rows = predict_rows or [{k: v for k, v in row.items() if k in inputs} for row in rows]
+    files = {name: _write_jsonl(workdir / "data" / f"{name}.jsonl", data)
+             for name, data in (("train", rows), ("val", val_rows), ("predict", predict_rows))}
+    if backbone in ARCHITECTURES:
+        backbone = tiny_backbone(workdir / f"tiny-{backbone}", backbone, texts_of(rows))
+
+    common = [f"--model.backbone={backbone}", f"--model.task={json.dumps(config)}", f"--data.batch_size={batch_size}",
+              f"--data.eval_batch_size={batch_size}", "--trainer.enable_progress_bar=false",
+              "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu", "--seed_everything=0", *extra_args]
+    checkpoints = workdir / "checkpoints"
+    callbacks = [{"class_path": "finetune.testing.ContractChecks"},
+                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(checkpoints), "filename": "{epoch}"}}]
+    in_memory = workdir / "predictions-in-memory.jsonl"
+    cli = run(["fit", *common, f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
+               f"--data.predict_file={files['predict']}", f"--trainer.max_epochs={epochs}", "--trainer.devices=1",
+               f"--trainer.callbacks={json.dumps(callbacks)}", "--trainer.logger=CSVLogger",
+               f"--trainer.logger.save_dir={workdir / 'logs'}", "--trainer.log_every_n_steps=1",
+               f"--trainer.default_root_dir={workdir}", f"--predictions.output_file={in_memory}"])
+    train_losses = [float(r["train/loss_epoch"]) for r in _csv_rows(workdir / "logs") if r.get("train/loss_epoch")]
+    (checkpoint,) = checkpoints.glob("*.ckpt")
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+
+    # a checkpoint restores the task and its weights: the same predictions as the model in memory
+    reloaded = workdir / "predictions.jsonl"
+    on_checkpoint = [*common, f"--ckpt_path={checkpoint}", "--trainer.logger=false"]
+    run(["predict", *on_checkpoint, "--trainer.devices=1", f"--data.predict_file={files['predict']}",
+         f"--predictions.output_file={reloaded}", f"--trainer.default_root_dir={workdir / 'predict'}"])
+    predictions = _read_jsonl(reloaded)
+    if not _close(predictions, _read_jsonl(in_memory)):
+        _fail("config", "predictions from the saved checkpoint differ from the trained model's: does the task keep "
+                        "what it learned from data (e.g. its label set) in a constructor argument?")
+    if len(predictions) != len(predict_rows):
+        _fail("merge_predictions", f"{len(predictions)} predictions were written for {len(predict_rows)} inputs")
+    validate = run(["validate", *on_checkpoint, "--trainer.devices=1", f"--data.val_file={files['val']}",
+                    f"--trainer.default_root_dir={workdir / 'validate'}"])
+    metrics = {k: float(v) for k, v in validate.trainer.callback_metrics.items() if k.startswith("val/")}
+    report = ConformanceReport(train_losses, metrics, {1: metrics}, predictions, checkpoint)
+
+    if processes > 1:  # several processes: every example counted once, predictions whole and in order
+        ddp = [*common, f"--ckpt_path={checkpoint}", f"--trainer.devices={processes}", "--trainer.strategy=ddp"]
+        logs = workdir / f"validate-{processes}"
+        _finetune(["validate", *ddp, f"--data.val_file={files['val']}", "--trainer.logger=CSVLogger",
+                   f"--trainer.logger.save_dir={logs}", f"--trainer.default_root_dir={logs}"], workdir)
+        spread = {k: float(v) for k, v in _csv_rows(logs)[-1].items() if k.startswith("val/") and v}
+        report.metrics_by_processes[processes] = spread
+        for name, value in metrics.items():
+            if name not in spread or not math.isclose(value, spread[name], rel_tol=1e-6, abs_tol=1e-6):
+                _fail("metrics", f"{name} is {spread.get(name)} with {processes} processes but {value} with one: "
+                                 "metric states must be sums or lists that torchmetrics syncs (`dist_reduce_fx`)")
+        spread_file = workdir / f"predictions-{processes}.jsonl"
+        _finetune(["predict", *ddp, "--trainer.logger=false", f"--data.predict_file={files['predict']}",
+                   f"--predictions.output_file={spread_file}", f"--trainer.default_root_dir={workdir / 'predict'}"],
+                  workdir)
+        if not _close(_read_jsonl(spread_file), predictions):
+            _fail("merge_predictions", f"predictions with {processes} processes differ from those with one")
+    return report
+
+
+def _finetune(args: list[str], cwd: Path) -> None:
+    # The subprocess must import the task as this process does.
+    path = os.pathsep.join(p for p in sys.path if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ConformanceError(f"`finetune {args[0]}` in several processes failed:\n{result.stderr[-4000:]}")
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def _csv_rows(save_dir: Path) -> list[dict[str, str]]:
+    (path,) = Path(save_dir).rglob("metrics.csv")
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal, with floats equal to 1e-5 (summation order differs between batchings)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-5,
+                                                                                            abs_tol=1e-5)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b

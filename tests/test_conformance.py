@@ -1,0 +1,117 @@
+"""The conformance kit (`finetune.testing`): every built-in task passes it, and it catches broken tasks
+with a message that names the hook."""
+
+import pytest
+import torch
+from test_question_answering import code_rows
+from torchmetrics import Metric, MetricCollection
+
+from conftest import make_rows, reversal_rows
+from finetune.testing import ConformanceError, check_task, tiny_backbone
+from tasks.classification import TextClassification
+from tasks.question_answering import QuestionAnswering
+from tasks.summarization import Summarization
+from tasks.translation import Translation
+
+BUILT_IN = {
+    "classification": (TextClassification(), make_rows(24), "bert"),
+    "question_answering": (QuestionAnswering(version_2_with_negative=True, max_length=64, doc_stride=16),
+                           code_rows(16, seed=1), "bert"),
+    "summarization": (Summarization(source_column="source", target_column="target", generation={"max_new_tokens": 8}),
+                      reversal_rows(12), "t5"),
+    "translation": (Translation(generation={"max_new_tokens": 8}), reversal_rows(12), "gpt2"),  # decoder-only
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(BUILT_IN))
+def test_built_in_task_passes_the_kit(name, tmp_path):
+    task, rows, backbone = BUILT_IN[name]
+    report = check_task(task, rows, workdir=tmp_path, backbone=backbone, extra_args=["--model.optimizer.lr=0.01"])
+    assert len(report.train_losses) == 3 and all(loss == loss for loss in report.train_losses)
+    assert report.metrics["val/loss"] > 0
+    assert report.metrics_by_processes[2].keys() == report.metrics.keys()
+    assert len(report.predictions) == len(rows)
+    print(name, report.metrics, report.metrics_by_processes[2])
+
+
+def test_tiny_backbones_tokenize_sentence_pairs_and_append_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus = [r["text"] for r in make_rows(30)]
+    bert = AutoTokenizer.from_pretrained(tiny_backbone(tmp_path / "bert", "bert", corpus))
+    pair = bert("good table", "bad door")
+    assert bert.convert_ids_to_tokens(pair["input_ids"]) == ["[CLS]", "good", "table", "[SEP]", "bad", "door", "[SEP]"]
+    assert pair["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+    assert bert("good table", return_offsets_mapping=True)["offset_mapping"][1:3] == [(0, 4), (5, 10)]
+    t5 = AutoTokenizer.from_pretrained(tiny_backbone(tmp_path / "t5", "t5", corpus))
+    assert t5("good")["input_ids"][-1] == t5.eos_token_id
+    gpt2 = AutoTokenizer.from_pretrained(tiny_backbone(tmp_path / "gpt2", "gpt2", corpus))
+    assert gpt2("good")["input_ids"][-1] != gpt2.eos_token_id
+
+
+# --- broken tasks are caught, naming the hook -------------------------------------------------------
+class ForgetsItsCutoff(TextClassification):
+    def __init__(self, cutoff: float = 0.5, **kwargs):
+        super().__init__(**kwargs)  # `cutoff` is not kept: a checkpoint could not restore it
+
+
+class ChangesItsArgument(TextClassification):
+    def __init__(self, prefix: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.prefix = prefix + ": "  # rebuilt from its config, the task would add it again
+
+
+class CountsOutsideState(Metric):
+    """Keeps its count in a plain attribute, which `reset` does not clear."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("unused", torch.zeros(()), dist_reduce_fx="sum")
+        self.seen = 0
+
+    def update(self, logits):
+        self.seen += len(logits)
+
+    def compute(self):
+        return torch.tensor(float(self.seen))
+
+
+class MetricNotReset(TextClassification):
+    def metrics(self, split):
+        return MetricCollection({"seen": CountsOutsideState()})
+
+    def update_metrics(self, metrics, outputs, batch, model):
+        metrics["seen"].update(outputs.logits)
+
+
+class PredictsTensors(TextClassification):
+    def predict(self, model, batch):
+        logits = self.forward(model, batch).logits
+        return [{"logits": row} for row in logits]
+
+
+class DetachedLoss(TextClassification):
+    def loss(self, outputs, batch):
+        return super().loss(outputs, batch).detach()
+
+
+class UnusedHead(TextClassification):
+    head_modules = ("classifier", "pooler")  # BERT's pooler does not feed the classifier... here: make it unused
+
+    def forward(self, model, batch):
+        outputs = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return type("Out", (), {"logits": model.classifier(outputs.last_hidden_state[:, 0])})()
+
+
+@pytest.mark.parametrize("task, message", [
+    (ForgetsItsCutoff(), r"Task.config: .* ForgetsItsCutoff does not keep its constructor arguments \['cutoff'\]"),
+    (ChangesItsArgument(), r"Task.config: does not rebuild an equal task"),
+    (MetricNotReset(), r"Task.metrics: metric 'seen' is .* after reset .* declare all state with `add_state`"),
+    (PredictsTensors(), r"Task.predict: row .* is not JSON-serialisable"),
+    (DetachedLoss(), r"Task.loss: has no gradient"),
+    (UnusedHead(), r"Task.loss: its gradient reaches none of \d+ trainable weights, e.g. \['model.*pooler"),
+])
+def test_broken_tasks_fail_with_the_hook_named(task, message, tmp_path):
+    with pytest.raises(ConformanceError, match=message):
+        check_task(task, make_rows(12), workdir=tmp_path, processes=1, epochs=1)
