@@ -11,6 +11,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from finetune.errors import StoppedBySignal
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes a checkpoint next to its destination and renames it into place, so a kill while
@@ -51,13 +53,19 @@ class StopOnSignal(Callback):
         self.previous.clear()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if not self.received:
+        received = self.received is not None
+        if trainer.world_size > 1:  # all processes stop at the same step, if any one was signalled (one
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)  # all-reduce of 1 number)
+        if not received:
             return
         checkpoints = trainer.checkpoint_callback
         path = Path(checkpoints.dirpath if checkpoints else trainer.default_root_dir) / "last.ckpt"
+        if checkpoints:  # part of the saved state: the resumed run then updates this file, not `last-v1.ckpt`
+            checkpoints.last_model_path = str(path)
         trainer.save_checkpoint(path)
-        trainer.should_stop = True
+        signal_name = self.received or "a signal to another process"
         rank_zero_info(
-            f"Stopped by {self.received} after step {trainer.global_step}; saved {path}. "
+            f"Stopped by {signal_name} after step {trainer.global_step}; saved {path}. "
             f"Resume with: finetune fit ... --ckpt_path {path}"
         )
+        raise StoppedBySignal(signal_name)

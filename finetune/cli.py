@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from finetune.checkpointing import AtomicCheckpointIO, StopOnSignal
 from finetune.data import DataModule
-from finetune.errors import InputError, NonFiniteLossError
+from finetune.errors import InputError, NonFiniteLossError, StoppedBySignal
 from finetune.export import export
 from finetune.module import FineTuneModule
 from finetune.predictions import PredictionWriter
@@ -118,6 +118,8 @@ def main(args: Optional[list[str]] = None) -> None:
     except InputError as err:  # the message says what to fix; a traceback would only bury it
         print(f"finetune: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except StoppedBySignal:  # last.ckpt is saved and the message says how to resume
+        sys.exit(0)
     except NonFiniteLossError as err:
         print(f"finetune: error: {err}", file=sys.stderr)
         sys.exit(1)

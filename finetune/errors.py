@@ -7,3 +7,9 @@ class InputError(ValueError):
 
 class NonFiniteLossError(ArithmeticError):
     """The loss became NaN or infinite: the message names the step and the batch's examples."""
+
+
+class StoppedBySignal(Exception):
+    """Training stopped on SIGTERM/SIGINT after saving `last.ckpt` (a clean stop: `finetune` exits 0).
+    An exception rather than `trainer.should_stop`, which would run the epoch-end hooks and let
+    ModelCheckpoint overwrite `last.ckpt` with an "epoch finished" state, skipping the epoch's rest."""

@@ -21,6 +21,7 @@ from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
 
 STAGES = ("train", "val", "test")
+FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 class FineTuneModule(LightningModule):
@@ -202,7 +203,8 @@ class FineTuneModule(LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in trainable}
 
     def trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
+        # (as state-dict keys: FSDP's wrappers add a prefix to parameter names, not to those keys)
+        return {name.replace(FSDP_PREFIX, "") for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_names()  # (Lightning filled state_dict already: filter, don't recompute)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_question_answering import code_rows
 
 from conftest import make_rows, reversal_rows, write_jsonl
@@ -17,11 +18,12 @@ from finetune.cli import run
 pytestmark = pytest.mark.slow
 
 
-def finetune(*args: str, cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def finetune(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
     result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=300)  # (a hang fails, not blocks)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
 def last_validation(root: Path) -> dict[str, float]:
@@ -77,3 +79,21 @@ def test_two_processes_train_and_evaluate_exactly(task, request, tmp_path):
         assert value == pytest.approx(float(one[name]), abs=1e-6), name
     print(task, {name: round(value, 6) for name, value in two_metrics.items()})
 
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes(tiny_bert, tmp_path):
+    """SLURM or torchrun may signal one process before the others: all must save at the same step
+    (a checkpoint is a collective; a lone one would hang the run)."""
+    files = data_for("classification", tmp_path)
+    common = [f"--model.backbone={tiny_bert}", "--model.task=TextClassification", f"--data.train_file={files['train']}",
+              "--data.batch_size=4", "--trainer.max_epochs=2", "--trainer.accelerator=cpu", "--trainer.devices=2",
+              "--trainer.strategy=ddp", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path}", "--trainer.callbacks+=ModelCheckpoint",
+              f"--trainer.callbacks.dirpath={tmp_path}/checkpoints", "--trainer.callbacks.save_last=true"]
+    output = finetune("fit", *common, "--trainer.callbacks+=interrupt.SignalAtStep", "--trainer.callbacks.step=3",
+                      "--trainer.callbacks.signal_name=SIGTERM", "--trainer.callbacks.rank=1", cwd=tmp_path)
+    assert "Stopped by a signal to another process after step 3" in output
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    finetune("fit", *common, f"--ckpt_path={last}", cwd=tmp_path)
+    assert torch.load(last, weights_only=True)["global_step"] == 16  # 2 epochs of 64 rows, 4 per step, 2 processes

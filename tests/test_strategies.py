@@ -1,0 +1,43 @@
+"""Strategy configs compose with every task config, and FSDP wraps what it should. (FSDP and
+DeepSpeed need GPUs to run; DDP runs on CPU processes in test_distributed.py.)"""
+
+import pytest
+from lightning.pytorch.strategies import FSDPStrategy
+
+from conftest import REPO
+from finetune.cli import run
+from finetune.fsdp import LoraFSDPStrategy
+from finetune.module import FineTuneModule
+
+STRATEGIES = sorted(p.name for p in (REPO / "configs" / "strategies").glob("*.yaml"))
+TASKS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("task", TASKS)
+def test_strategy_configs_compose_with_task_configs(task, strategy, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit_:
+        run(["fit", "--config", f"configs/{task}", "--config", f"configs/strategies/{strategy}", "--print_config"])
+    assert exit_.value.code == 0
+    printed = capsys.readouterr().out
+    assert "accelerator: gpu" in printed and "model:" in printed
+
+
+def test_fsdp_wraps_each_transformer_block_and_each_trainable_layer(tiny_bert, monkeypatch):
+    module = FineTuneModule(tiny_bert, {"class_path": "tasks.classification.TextClassification",
+                                        "init_args": {"labels": ["a", "b"]}})
+    module.configure_model()
+    strategy = LoraFSDPStrategy()
+    strategy._lightning_module = module
+    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)  # FSDP itself needs a GPU
+    strategy._setup_model(module)
+    policy = strategy.kwargs["auto_wrap_policy"]
+    wrapped = [(name, m) for name, m in module.named_modules() if name and policy(module=m, recurse=False,
+                                                                                  nonwrapped_numel=0)]
+    assert sum(type(m).__name__ == "BertLayer" for _, m in wrapped) == 2  # the model's _no_split_modules
+    leaves = [(name, m) for name, m in wrapped if not list(m.children())]
+    assert leaves and all(m.weight.requires_grad for _, m in leaves)  # trainable layers apart from frozen ones
+    assert {name.split(".")[-2] for name, _ in leaves} >= {"lora_A", "lora_B"}
+    assert any("classifier" in name for name, _ in leaves)
+    assert not any(name.endswith("base_layer") for name, _ in wrapped)  # frozen weights stay in their block
