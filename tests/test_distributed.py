@@ -61,9 +61,11 @@ def test_two_processes_train_and_evaluate_exactly(task, request, tmp_path):
               "--trainer.enable_progress_bar=false", "--seed_everything=0"]
     two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 
-    # fit with 2 processes: the loss falls; the last validation ran over all 31 examples once
+    # fit with 2 processes (accumulating and clipping gradients): the loss falls; the last validation ran
+    # over all 31 examples once
     finetune("fit", *common, *two, f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
-             "--trainer.max_epochs=3", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}/two",
+             "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=2", "--trainer.gradient_clip_val=1.0",
+             "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}/two",
              f"--trainer.default_root_dir={tmp_path}/two", cwd=tmp_path)
     (path,) = (tmp_path / "two").rglob("metrics.csv")
     losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(path.open()) if r.get("train/loss_epoch")]
