@@ -10,9 +10,9 @@ import pickle
 import re
 import sys
 import warnings
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
-from jsonargparse import CLI
+from jsonargparse import CLI, Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from finetune.checkpointing import AtomicCheckpointIO, StopOnSignal
@@ -69,7 +69,43 @@ class FineTuneParser(LightningArgumentParser):
         return []
 
 
+def model_option_names(args: list[str]) -> list[str]:
+    """The names of the `--model.*` options of a command line (`--model.task.n_best=5` -> model.task.n_best)."""
+    return [arg[2:].split("=", 1)[0] for arg in args if arg.startswith("--model.")]
+
+
+def namespace_key(config: Namespace, name: str) -> Optional[str]:
+    """The key of option `name` in a parsed config, where a class's options sit under `init_args`."""
+    node, path = config, []
+    for part in name.split("."):
+        if isinstance(node, Namespace) and part not in node and "init_args" in node:
+            node, path = node["init_args"], [*path, "init_args"]
+        if not isinstance(node, Namespace) or part not in node:
+            return None
+        node, path = node[part], [*path, part]
+    return ".".join(path)
+
+
 class FineTuneCLI(LightningCLI):
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self.command_line = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI rebuilds the model section from the checkpoint, over everything given. Values typed
+        # on the command line still win (`predict --ckpt_path C --model.task.generation.num_beams 4`); config
+        # files do not, so a config's `labels: null` cannot erase the label set a checkpoint learned.
+        subcommand = self.config.get("subcommand")
+        typed = {}
+        if subcommand:
+            config = self.config[subcommand]
+            keys = [namespace_key(config, name) for name in model_option_names(self.command_line)]
+            typed = {key: config[key] for key in keys if key and not isinstance(config[key], Namespace)}
+        super()._parse_ckpt_path()
+        for key, value in typed.items():
+            if not isinstance(self.config[subcommand].get(key), Namespace):  # a value, not a task or class
+                self.config[subcommand][key] = value
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")

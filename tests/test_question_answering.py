@@ -428,9 +428,7 @@ def test_fit_validate_predict_end_to_end(tiny_bert, tmp_path):
                                                                   for r in val])}
     task_args = ["--model.task=QuestionAnswering", "--model.task.version_2_with_negative=true",
                  "--model.task.max_length=64", "--model.task.doc_stride=16"]
-    # (a checkpoint's task settings override the command line's, so output_n_best is set when fitting)
-    common = ["--trainer.enable_progress_bar=false", "--data.batch_size=8", "--model.task.n_best=5",
-              "--model.task.output_n_best=true"]
+    common = ["--trainer.enable_progress_bar=false", "--data.batch_size=8"]
     run(["fit", f"--model.backbone={tiny_bert}", *task_args, *common, f"--data.train_file={files['train']}",
          f"--data.val_file={files['val']}", "--model.optimizer.lr=0.01", "--model.lora.target_modules=all-linear",
          "--trainer.max_epochs=3", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=CSVLogger",
@@ -451,7 +449,9 @@ def test_fit_validate_predict_end_to_end(tiny_bert, tmp_path):
     assert scores["val/f1"] >= scores["val/exact_match"]
 
     out = tmp_path / "predictions.jsonl"
+    # settings given on the command line win over the checkpoint's (the task was trained without n-best output)
     main(["predict", f"--model.backbone={tiny_bert}", *task_args, *common, f"--ckpt_path={ckpt}",
+          "--model.task.output_n_best=true", "--model.task.n_best", "5",
           f"--data.predict_file={files['predict']}", f"--predictions.output_file={out}",
           f"--trainer.default_root_dir={tmp_path}/predict"])
     predictions = [json.loads(line) for line in out.read_text().splitlines()]
