@@ -122,10 +122,11 @@ class FineTuneModule(LightningModule):
         return loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Dropout masks depend on (seed, step, process) only, so a run resumed from any checkpoint
-        # continues exactly as the uninterrupted one would (no random state to carry over).
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-        torch.manual_seed(seed + 1_000_003 * self.global_step + self.global_rank)
+        # Dropout masks depend on (seed, step, micro-batch, process) only, so a run resumed from any
+        # checkpoint continues exactly as the uninterrupted one would (no random state to carry over).
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + 1_000_003 * self.global_step + self.global_rank
+        accumulate = self.trainer.accumulate_grad_batches
+        torch.manual_seed(seed + (7_919 * (batch_idx % accumulate) if accumulate > 1 else 0))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         loss = self._step(batch, "train")

@@ -4,9 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Callback, Trainer
 
 from conftest import fit_args, make_rows, write_jsonl
 from finetune.cli import main, run
+from finetune.data import DataModule
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
 from finetune.module import FineTuneModule
@@ -121,3 +123,20 @@ def test_strategy_configs_compose_with_task_configs(capsys):
         out = capsys.readouterr().out
         assert "TextClassification" in out
         assert ("DDPStrategy" if strategy == "ddp" else "quantization: 4bit") in out
+
+
+class RecordSeeds(Callback):
+    def __init__(self):
+        self.seeds = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seeds.append((trainer.global_step, torch.initial_seed()))
+
+
+def test_accumulated_micro_batches_get_their_own_dropout_masks(tiny_bert, toy_files):
+    seeds = RecordSeeds()
+    module = FineTuneModule(tiny_bert, TextClassification())
+    data = DataModule(train_file=toy_files["train"], batch_size=8)
+    Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, callbacks=[seeds], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False).fit(module, data)
+    assert len(seeds.seeds) == 6 and len({seed for _, seed in seeds.seeds}) == 6
