@@ -9,10 +9,12 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import InputError
-from finetune.task import Task
+
+if TYPE_CHECKING:  # (imported where needed: `finetune tasks` reads entry points without torch)
+    from finetune.task import Task
 
 ENTRY_POINT_GROUP = "finetune.tasks"
 
@@ -28,6 +30,8 @@ class RegisteredTask:
         return self.target.replace(":", ".")
 
     def load(self) -> type[Task]:
+        from finetune.task import Task
+
         module_name, _, attr = self.target.partition(":")
         cls = getattr(importlib.import_module(module_name), attr)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
@@ -72,6 +76,8 @@ def import_registered_tasks() -> list[str]:
 
 def build_task(spec: Task | str | dict[str, Any]) -> Task:
     """A task from a registry name, a `{"class_path", "init_args"}` dict (checkpoints) or an instance."""
+    from finetune.task import Task
+
     if isinstance(spec, Task):
         return spec
     if isinstance(spec, str):
