@@ -29,6 +29,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Optional, Sequence, Union
@@ -70,12 +71,18 @@ def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Literal
     from transformers import PreTrainedTokenizerFast
 
     if style == "bert":
-        specials = SPECIAL_TOKENS["bert"]
-        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        # The vocabulary is built here, not trained: WordPieceTrainer's result varies from run to run.
+        # Characters (alone and as `##` continuations) spell any word; the most frequent words are whole.
+        normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        words = Counter(word for text in corpus
+                        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        chars = sorted({char for word in words for char in word})
+        frequent = sorted(words, key=lambda word: (-words[word], word))
+        vocab = [*SPECIAL_TOKENS["bert"], *chars, *(f"##{char}" for char in chars), *frequent]
+        vocab = list(dict.fromkeys(vocab))[: max(vocab_size, 5 + 2 * len(chars))]
+        tokenizer = Tokenizer(models.WordPiece({token: i for i, token in enumerate(vocab)}, unk_token="[UNK]"))
+        tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, pre_tokenizer
         tokenizer.decoder = decoders.WordPiece()
-        tokenizer.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
         cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
