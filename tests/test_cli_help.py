@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 COMMANDS = ("fit", "validate", "test", "predict", "tasks", "export")
+REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "lightning", "peft", "transformers", "datasets")
 
 
 def python(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 def test_help_lists_the_commands():
@@ -56,3 +58,17 @@ def test_lazy_package_attributes():
         "assert FineTuneCLI.__name__ == 'FineTuneCLI' and set(finetune.__all__) <= set(dir(finetune))"
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_a_run_imports_only_the_tasks_it_names():
+    """A config naming a task by its short class name gets it imported; other registered tasks are not
+    (summarization's ROUGE alone costs ~40 MB and half a second per run)."""
+    result = python(
+        "import sys\nfrom finetune.cli import main\n"
+        "try:\n    main(['fit', '--config', 'configs/classification.yaml', '--print_config'])\n"
+        "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tasks.')))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TextClassification" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "['tasks.classification']"
