@@ -216,6 +216,12 @@ class FineTuneModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_names()
         saved = set(checkpoint["state_dict"])
+        # A checkpoint that also holds the frozen weights (DeepSpeed saves the whole module) loads:
+        # those are the backbone's own, unchanged by LoRA. Extra adapter weights still do not.
+        frozen = {name.replace(FSDP_PREFIX, "") for name, p in self.named_parameters() if not p.requires_grad}
+        if trainable <= saved and saved - trainable <= frozen:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            saved = trainable
         if saved != trainable:
             missing, unexpected = sorted(trainable - saved), sorted(saved - trainable)
             raise InputError(

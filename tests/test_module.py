@@ -140,3 +140,21 @@ def test_accumulated_micro_batches_get_their_own_dropout_masks(tiny_bert, toy_fi
     Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, callbacks=[seeds], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False).fit(module, data)
     assert len(seeds.seeds) == 6 and len({seed for _, seed in seeds.seeds}) == 6
+
+
+def test_a_checkpoint_must_match_the_trainable_weights_but_may_hold_the_frozen_ones(tiny_bert):
+    def module(targets=None):
+        task = TextClassification(labels=["a", "b"])
+        built = FineTuneModule(tiny_bert, task, lora=LoraSettings(target_modules=targets))
+        built.configure_model()
+        return built
+
+    whole = {"state_dict": module().state_dict()}  # as DeepSpeed saves it: frozen backbone included
+    loading = module()
+    loading.on_load_checkpoint(whole)
+    assert set(whole["state_dict"]) == loading.trainable_names()
+
+    other_lora = {"state_dict": module("all-linear").trainable_state_dict()}
+    with pytest.raises(InputError, match=r"checkpoint does not match this model's trainable weights \(missing: \[\]; "
+                                         r"unexpected: \['model.*lora_A.*\]\.\.\.\). Was it written with another backbone"):
+        module().on_load_checkpoint(other_lora)
