@@ -176,7 +176,7 @@ class DataModule(LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         features = self.features[split]
         task, tokenizer = self.trainer.lightning_module.task, self.trainer.lightning_module.tokenizer
-        lengths = features["length"]
+        lengths = features.with_format("arrow")["length"].to_pylist()  # a list: the sampler indexes it often
         batch_size = self.batch_size if train else self.eval_batch_size
         # Evaluation order does not matter for metrics; predictions are put back in input order by index.
         group = self.group_by_length or not train
