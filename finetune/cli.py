@@ -169,7 +169,7 @@ def tasks_named_in(args: Any) -> Optional[set[str]]:
         try:
             if path.is_file() and path.stat().st_size < 2**20:  # config files; not data or checkpoints
                 texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        except OSError:  # (a value that is no path)
+        except (OSError, ValueError):  # (a value that is no path)
             continue
     text = "\n".join(texts)
     return {name for name, task in registered_tasks().items()
