@@ -250,7 +250,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace) -> str:
                  / summary[f"hf:{decoding}"]["sequences_per_s"]["median"])
         lines.append(f"finetune / HF, {decoding}: sequences/s ×{ratio:.3f}")
     lines.append(f"{args.sentences} Multi30k validation sentences, batch {args.batch_size}, max_new_tokens "
-                 f"{args.max_new_tokens}, {args.threads} threads.")
+                 f"{args.max_new_tokens}, {args.threads} thread(s) per process.")
     return "\n".join(lines)
 
 
