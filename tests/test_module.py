@@ -156,5 +156,5 @@ def test_a_checkpoint_must_match_the_trainable_weights_but_may_hold_the_frozen_o
 
     other_lora = {"state_dict": module("all-linear").trainable_state_dict()}
     with pytest.raises(InputError, match=r"checkpoint does not match this model's trainable weights \(missing: \[\]; "
-                                         r"unexpected: \['model.*lora_A.*\]\.\.\.\). Was it written with another backbone"):
+                                         r"unexpected: \['model.*lora_A.*\]\.\.\.\). Was it written with another"):
         module().on_load_checkpoint(other_lora)
