@@ -26,6 +26,16 @@ START_ENV = "BENCH_COMMAND_START"  # wall-clock time at which the driver started
 
 
 # --- in a child --------------------------------------------------------------------------------
+def add_run_arguments(parser: Any) -> None:
+    """The options every benchmark driver shares: seed, threads and how quiet the machine must be."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of every process")
+    parser.add_argument("--quiet", type=float, default=0.15,
+                        help="start a run once other processes use less than this share of the CPU, and repeat a "
+                             "run during which they used more (up to 3 runs)")
+    parser.add_argument("--max_wait", type=float, default=600, help="seconds to wait for a quiet machine")
+
+
 def set_threads(threads: int) -> None:
     import torch
 

@@ -28,6 +28,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     SHARED,
+    add_run_arguments,
     alternate,
     cell,
     emit,
@@ -185,12 +186,7 @@ def main() -> None:
     parser.add_argument("--max_source_length", type=int, default=128)
     parser.add_argument("--max_target_length", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of every process")
-    parser.add_argument("--quiet", type=float, default=0.15,
-                        help="start a run once other processes use less than this share of the CPU, and repeat a "
-                             "run during which they used more (up to 3 runs)")
-    parser.add_argument("--max_wait", type=float, default=600, help="seconds to wait for a quiet machine")
+    add_run_arguments(parser)
     parser.add_argument("--decoding", default="greedy,beam4")
     parser.add_argument("--output", default="generation_throughput", help="name of the JSON file in benchmarks/results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
