@@ -15,7 +15,6 @@ import pickle
 import re
 import sys
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 from finetune.errors import InputError, NonFiniteLossError, StoppedBySignal
@@ -154,28 +153,6 @@ def _lightning_classes() -> dict[str, type]:
     return {"FineTuneParser": FineTuneParser, "FineTuneCLI": FineTuneCLI}
 
 
-def tasks_named_in(args: Any) -> Optional[set[str]]:
-    """The registered tasks whose class name a command line mentions, directly or in a (small) file it
-    names; None for all of them (`--help` lists them; arguments given as a dict).
-
-    jsonargparse finds a task named by its short class name (`class_path: TextClassification`) only among
-    imported classes, and importing every registered task would cost every run time and memory (ROUGE
-    pulls in nltk): a class path with its module, or a registry name (`task: classification`), needs none."""
-    if not isinstance(args, (list, tuple)) or "-h" in args or "--help" in args:
-        return None
-    texts = [str(arg) for arg in args]
-    for arg in texts[:]:
-        path = Path(arg.split("=", 1)[-1]).expanduser()
-        try:
-            if path.is_file() and path.stat().st_size < 2**20:  # config files; not data or checkpoints
-                texts.append(path.read_text(encoding="utf-8", errors="replace"))
-        except (OSError, ValueError):  # (a value that is no path)
-            continue
-    text = "\n".join(texts)
-    return {name for name, task in registered_tasks().items()
-            if re.search(rf"\b{re.escape(task.target.rpartition(':')[2])}\b", text)}
-
-
 def print_tasks() -> None:
     tasks = registered_tasks()
     rows = [("name", "class_path", "package")] + [(t.name, t.class_path, t.package) for t in tasks.values()]
@@ -191,7 +168,7 @@ def run(args: Optional[list[str]] = None) -> LightningCLI:
     from finetune.module import FineTuneModule
 
     # Configs may name a task by its short class name; that needs the class imported.
-    for problem in import_registered_tasks(tasks_named_in(args if args is not None else sys.argv[1:])):
+    for problem in import_registered_tasks():
         warnings.warn(problem)
     classes = _lightning_classes()
     return classes["FineTuneCLI"](

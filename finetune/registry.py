@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any, Collection, Optional
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import InputError
 
@@ -59,17 +59,14 @@ def task_class(name: str) -> type[Task]:
     return tasks[name].load()
 
 
-def import_registered_tasks(names: Optional[Collection[str]] = None) -> list[str]:
-    """Import the registered tasks (those in `names`, or all) so configs can name a task class by its
-    short class name.
+def import_registered_tasks() -> list[str]:
+    """Import every registered task so configs can name a task class by its short class name.
 
     Returns a warning per task that failed to import, rather than letting one broken plugin
     break the whole command line.
     """
     problems = []
     for task in registered_tasks().values():
-        if names is not None and task.name not in names:
-            continue
         try:
             task.load()
         except Exception as err:  # a broken third-party plugin must not take the CLI down

@@ -6,7 +6,6 @@ import re
 from typing import Any
 
 import torch
-from rouge_score import rouge_scorer
 from torchmetrics import Metric
 
 from finetune.generation import GenerationTask
@@ -29,6 +28,8 @@ class Rouge(Metric):
 
     def __init__(self) -> None:
         super().__init__()
+        from rouge_score import rouge_scorer  # (imports nltk: 1.3 s, paid only when ROUGE is computed)
+
         self.scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
         self.add_state("totals", torch.zeros(len(ROUGE_KEYS), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")

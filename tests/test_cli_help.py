@@ -60,15 +60,10 @@ def test_lazy_package_attributes():
     assert result.returncode == 0, result.stderr
 
 
-def test_a_run_imports_only_the_tasks_it_names():
-    """A config naming a task by its short class name gets it imported; other registered tasks are not
-    (summarization's ROUGE alone costs ~40 MB and half a second per run)."""
-    result = python(
-        "import sys\nfrom finetune.cli import main\n"
-        "try:\n    main(['fit', '--config', 'configs/classification.yaml', '--print_config'])\n"
-        "except SystemExit as stop:\n    assert not stop.code, stop.code\n"
-        "print(sorted(m for m in sys.modules if m.startswith('tasks.')))"
-    )
+def test_importing_every_task_does_not_import_rouge():
+    """Configs may name any task by its class name, so every run imports every task: none may be costly
+    to import (ROUGE pulls in nltk, 1.3 s); it is imported when a metric is built."""
+    result = python("import sys, tasks.summarization, tasks.translation, tasks.question_answering\n"
+                    "print('nltk' in sys.modules, 'rouge_score' in sys.modules)")
     assert result.returncode == 0, result.stderr
-    assert "TextClassification" in result.stdout
-    assert result.stdout.strip().splitlines()[-1] == "['tasks.classification']"
+    assert result.stdout.split() == ["False", "False"]
