@@ -53,7 +53,7 @@ print(json.dumps(sorted({{m.split(".")[0] for m in sys.modules}} & set({list(HEA
 def test_lazy_package_attributes():
     result = python(
         "import finetune; from finetune import DataModule, FineTuneModule, LoraSettings, Task; "
-        "from finetune.cli import FineTuneCLI, FineTuneParser, run; "
+        "from finetune.cli import run; from finetune.lightning_cli import FineTuneCLI, FineTuneParser; "
         "assert issubclass(FineTuneModule, __import__('lightning').pytorch.LightningModule); "
         "assert FineTuneCLI.__name__ == 'FineTuneCLI' and set(finetune.__all__) <= set(dir(finetune))"
     )
