@@ -10,12 +10,14 @@ EM/F1 of the untrained head (`finetune validate`) and after `finetune fit`, and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import datasets
 import torch
 
 from finetune.cli import run
@@ -25,12 +27,12 @@ DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squa
 KEYS = ["exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"]
 
 
-def forced_answers(cli) -> dict[str, float]:
+def forced_answers(cli, val_file: Path) -> dict[str, float]:
     """EM/F1 of the trained model on the answerable eval questions with the no-answer option switched
     off: whether it learned to find spans, apart from when it dares to answer."""
     module = cli.model.eval()
-    metric = SquadMetric(module.task, "val")
-    metric.settings["null_score_diff_threshold"] = float("inf")
+    context = module.task.split_context("val", datasets.load_dataset("json", data_files=str(val_file), split="train"))
+    metric = SquadMetric(context, dataclasses.replace(module.task.decoding, null_score_diff_threshold=float("inf")))
     with torch.no_grad():
         for batch in cli.datamodule.val_dataloader():
             out = module.task.forward(module.model, batch)
@@ -81,7 +83,7 @@ def main() -> None:
                f"--model.lora.r={args.lora_r}", f"--model.lora.alpha={2 * args.lora_r}"])
     fit_s = time.perf_counter() - start
     after = fit.trainer.callback_metrics
-    forced = forced_answers(fit)
+    forced = forced_answers(fit, out / "val.jsonl")
     windows = {split: len(fit.datamodule.features[split]) for split in ("train", "val")}
 
     print(f"\nMiniLM-L6 + LoRA r={args.lora_r} all-linear, max_length={args.max_length}, doc_stride={args.doc_stride}, "

@@ -19,7 +19,6 @@ import torch
 from transformers import AutoTokenizer
 
 from finetune.backbone import resolve
-from finetune.data import _preprocess  # the core's map function: windows get their example index
 from tasks.question_answering import QuestionAnswering
 
 DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev_sample_v2.jsonl"
@@ -40,17 +39,25 @@ def gold_window_span(offsets: list[list[int]], context: str, answers: dict) -> t
     return inside[0], inside[-1]
 
 
+def _windows(examples: dict[str, list], indices: list[int], task: QuestionAnswering, tokenizer) -> dict[str, list]:
+    """The task's windows of a batch of examples, each with its example's index (as the core maps them)."""
+    features = task.preprocess(examples, tokenizer, with_targets=True)
+    features["index"] = [indices[i] for i in features.pop("overflow_to_sample_mapping")]
+    return features
+
+
 def oracle(task: QuestionAnswering, raw: datasets.Dataset, tokenizer, batch_size: int = 64) -> dict:
     """Oracle logits through the task; returns its metrics, windows per example and label agreement."""
-    task.prepare("val", raw, "oracle")
-    features = raw.map(_preprocess, batched=True, with_indices=True, remove_columns=raw.column_names,
-                       fn_kwargs={"task": task, "tokenizer": tokenizer, "with_targets": True})
+    task.check_rows("val", raw, "oracle")
+    features = raw.map(_windows, batched=True, with_indices=True, remove_columns=raw.column_names,
+                       fn_kwargs={"task": task, "tokenizer": tokenizer})
     rows = list(features)
-    metric = task.metrics("val")
+    metric = task.metrics("val", task.split_context("val", raw))
     agree = cut = 0
     for i in range(0, len(rows), batch_size):
-        feats = [{k: v for k, v in r.items() if k != "length"} for r in rows[i : i + batch_size]]
-        batch = task.collate(feats, tokenizer)
+        feats = rows[i : i + batch_size]
+        batch = task.collate([{k: v for k, v in f.items() if k != "index"} for f in feats], tokenizer)
+        batch["index"] = torch.tensor([f["index"] for f in feats])  # the core's part of a batch
         start = torch.zeros(batch["input_ids"].shape)
         end = torch.zeros(batch["input_ids"].shape)
         for j, f in enumerate(feats):

@@ -1,27 +1,27 @@
 """Text regression: a text -> a number (a rating, a score), trained with mean squared error."""
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from transformers import AutoModelForSequenceClassification
 
-from finetune import Task
+from finetune import Column, Task
 
 
+@dataclass(frozen=True)
 class TextRegression(Task):
-    name = "text_regression"
-    auto_model = AutoModelForSequenceClassification
+    text_column: str = "text"
+    target_column: str = "target"
+    max_length: int = 256
+
     head_modules = ("classifier", "score")  # the new head: trained in full, saved with the adapter
 
-    def __init__(self, text_column: str = "text", target_column: str = "target", max_length: int = 256):
-        self.text_column = text_column
-        self.target_column = target_column
-        self.max_length = max_length
+    def columns(self):
+        return [Column("text_column", "text"), Column("target_column", "label", target=True)]
 
-    def input_columns(self):
-        return {"text_column": self.text_column}
-
-    def target_columns(self):
-        return {"target_column": self.target_column}
+    def model_class(self, config):
+        return AutoModelForSequenceClassification
 
     def model_kwargs(self):
         return {"num_labels": 1}
@@ -35,11 +35,11 @@ class TextRegression(Task):
     def loss(self, outputs, batch):
         return F.mse_loss(outputs.logits.squeeze(-1), batch["labels"])
 
-    def metrics(self, split):
+    def metrics(self, split, context):
         return MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()})
 
-    def update_metrics(self, metrics, outputs, batch, model):
+    def update_metrics(self, metrics, outputs, batch, model, tokenizer):
         metrics.update(outputs.logits.squeeze(-1), batch["labels"])
 
-    def predict(self, model, batch):
+    def predict(self, model, batch, tokenizer):
         return [{"score": score} for score in self.forward(model, batch).logits.squeeze(-1).tolist()]

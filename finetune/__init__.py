@@ -9,13 +9,14 @@ if TYPE_CHECKING:
     from finetune.data import DataModule
     from finetune.lora import LoraSettings
     from finetune.module import FineTuneModule
-    from finetune.task import Task
+    from finetune.task import Column, Task
 
-__all__ = ["DataModule", "FineTuneModule", "LoraSettings", "Task"]
+__all__ = ["Column", "DataModule", "FineTuneModule", "LoraSettings", "Task"]
 
 # Imported on first use (`from finetune import Task` works as ever): `import finetune.cli` for
 # `finetune --help` then needs neither torch nor Lightning.
-_SUBMODULES = {"DataModule": "finetune.data", "FineTuneModule": "finetune.module", "LoraSettings": "finetune.lora",
+_SUBMODULES = {"Column": "finetune.task", "DataModule": "finetune.data",
+               "FineTuneModule": "finetune.module", "LoraSettings": "finetune.lora",
                "Task": "finetune.task"}
 
 

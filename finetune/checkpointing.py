@@ -11,7 +11,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from finetune.errors import StoppedBySignal
+from finetune.errors import InputError, StoppedBySignal
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -69,3 +69,37 @@ class StopOnSignal(Callback):
             f"Resume with: finetune fit ... --ckpt_path {path}"
         )
         raise StoppedBySignal(signal_name)
+
+
+def check_checkpoint(path: str, model_config: Any = None) -> None:
+    """Before anything loads: `path` is a finetune checkpoint of the current format, and of the task the
+    config names (if it names one). Lightning's own names (`last`, `best`) are left to Lightning."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    from finetune.module import check_format
+
+    file = Path(path)
+    if not file.is_file():
+        if path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
+            return
+        raise InputError(f"--ckpt_path: {path!r} does not exist")
+    if not zipfile.is_zipfile(file):
+        raise InputError(f"--ckpt_path: {path!r} is not a checkpoint (not a file torch.save writes)")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise InputError(f"--ckpt_path: refusing to load a checkpoint that holds pickled Python objects, which could "
+                         f"run code when loaded: {path!r} (finetune checkpoints hold only tensors and data)") from err
+    except (RuntimeError, OSError, EOFError) as err:
+        raise InputError(f"--ckpt_path: {path!r} is not a readable checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise InputError(f"--ckpt_path: {path!r} is not a Lightning checkpoint")
+    check_format(checkpoint, repr(path))
+    saved = checkpoint.get("hyper_parameters", {}).get("task", {}).get("class_path", "")
+    named = getattr(getattr(model_config, "task", None), "class_path", None) if model_config is not None else None
+    if saved and named and named.rpartition(".")[2] != saved.rpartition(".")[2]:
+        raise InputError(f"--ckpt_path: {path!r} holds a {saved.rpartition('.')[2]} model, but the config's "
+                         f"model.task is {named.rpartition('.')[2]}; use that task's config, or leave model.task out")

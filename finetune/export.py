@@ -6,7 +6,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from finetune.errors import InputError
+from finetune.checkpointing import check_checkpoint
 from finetune.module import FineTuneModule
 
 
@@ -21,8 +21,7 @@ def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool =
         adapter: write `adapter/` (LoRA checkpoints only).
         merged: write `merged/`.
     """
-    if not Path(ckpt_path).is_file():
-        raise InputError(f"--ckpt_path: checkpoint {ckpt_path!r} does not exist")
+    check_checkpoint(ckpt_path)
     module = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     model, out = module.model, Path(output_dir)
     if adapter and isinstance(model, PeftModel):

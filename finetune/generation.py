@@ -11,16 +11,15 @@ Subclasses choose the columns and the metrics.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, PretrainedConfig
 
-from finetune.errors import InputError
-from finetune.task import Task
+from finetune.task import Column, Task
 
 IGNORE = -100  # label id that cross-entropy skips
 
@@ -56,72 +55,59 @@ def pad(sequences: list[list[int]], value: int, left: bool = False) -> torch.Ten
     return torch.tensor(rows, dtype=torch.long)
 
 
+@dataclass(frozen=True)
 class GenerationTask(Task):
-    """Args:
+    """Options:
     source_column / target_column: the input text and the text to generate.
     source_prefix: put before every source (T5 expects e.g. `summarize: `).
     max_source_length / max_target_length: longer texts are truncated to this many tokens.
     label_smoothing: of the cross-entropy loss.
-    generate_every_n_epochs: validation always reports the loss; it generates and scores every
-        N epochs (0: never). `test` always generates.
+    generate_every_n_epochs: during `fit`, validation always reports the loss and generates and scores
+        every N epochs (0: never). A standalone `validate` or `test` always generates.
     generation: decoding settings for metrics and `predict`.
+    decoder_only: set from the backbone's config (a causal LM, or an encoder-decoder).
     """
 
-    def __init__(
-        self,
-        source_column: str = "source",
-        target_column: str = "target",
-        source_prefix: str = "",
-        max_source_length: int = 512,
-        max_target_length: int = 128,
-        label_smoothing: float = 0.0,
-        generate_every_n_epochs: int = 1,
-        generation: Union[GenerationSettings, dict] = GenerationSettings(),
-    ) -> None:
-        self.source_column = source_column
-        self.target_column = target_column
-        self.source_prefix = source_prefix
-        self.max_source_length = max_source_length
-        self.max_target_length = max_target_length
-        self.label_smoothing = label_smoothing
-        self.generate_every_n_epochs = generate_every_n_epochs
-        self.generation = GenerationSettings(**generation) if isinstance(generation, dict) else generation
-        self.decoder_only = False
-        self.auto_model = AutoModelForSeq2SeqLM
+    source_column: str = "source"
+    target_column: str = "target"
+    source_prefix: str = ""
+    max_source_length: int = 512
+    max_target_length: int = 128
+    label_smoothing: float = 0.0
+    generate_every_n_epochs: int = 1
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    decoder_only: Optional[bool] = None
 
-    def configure_backbone(self, config: PretrainedConfig, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer  # decodes generated ids at step time
-        self.decoder_only = not config.is_encoder_decoder
-        self.auto_model = AutoModelForCausalLM if self.decoder_only else AutoModelForSeq2SeqLM
+    length_limits = {"input_ids": "max_source_length", "labels": "max_target_length"}
+
+    def __post_init__(self) -> None:
+        if isinstance(self.generation, dict):  # (as checkpoints store it)
+            object.__setattr__(self, "generation", GenerationSettings(**self.generation))
+
+    def backbone_options(self, config: PretrainedConfig, tokenizer: Any) -> dict[str, Any]:
+        return {"decoder_only": not config.is_encoder_decoder}
+
+    def model_class(self, config: PretrainedConfig) -> type:
+        return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
     # --- columns: subclasses with nested data (translation pairs) override these three ---------
-    def input_columns(self) -> dict[str, str]:
-        return {"source_column": self.source_column}
+    def columns(self) -> list[Column]:
+        return [Column("source_column"), Column("target_column", target=True)]
 
-    def target_columns(self) -> dict[str, str]:
-        return {"target_column": self.target_column}
-
-    def sources(self, examples: dict[str, list]) -> list[str]:
+    def source_texts(self, examples: dict[str, list]) -> list[str]:
         return examples[self.source_column]
 
-    def targets(self, examples: dict[str, list]) -> list[str]:
+    def target_texts(self, examples: dict[str, list]) -> list[str]:
         return examples[self.target_column]
 
     # --- data ----------------------------------------------------------------------------------
-    def prepare(self, split: str, dataset: Any, source: str) -> None:
-        columns = {"source": self.sources, **({} if split == "predict" else {"target": self.targets})}
-        for what, values in columns.items():
-            for row, text in enumerate(values(dataset[:]), start=1):
-                if not isinstance(text, str) or not text.strip():
-                    raise InputError(f"{source}, row {row}: the {what} text is empty or not a string ({text!r})")
-
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
-        sources = [self.source_prefix + s for s in self.sources(examples)]
+        sources = [self.source_prefix + s for s in self.source_texts(examples)]
         if not self.decoder_only:
             features = dict(tokenizer(sources, max_length=self.max_source_length, truncation=True))
             if with_targets:
                 features["labels"] = tokenizer(
-                    text_target=self.targets(examples), max_length=self.max_target_length, truncation=True
+                    text_target=self.target_texts(examples), max_length=self.max_target_length, truncation=True
                 )["input_ids"]
             return features
         # Decoder-only: the prompt ends with a newline, the target with eos; `input_ids` holds the
@@ -129,21 +115,16 @@ class GenerationTask(Task):
         prompts = tokenizer([s + "\n" for s in sources], max_length=self.max_source_length, truncation=True)
         features = {"input_ids": prompts["input_ids"]}
         if with_targets:
-            targets = tokenizer(self.targets(examples), add_special_tokens=False,
+            targets = tokenizer(self.target_texts(examples), add_special_tokens=False,
                                 max_length=self.max_target_length - 1, truncation=True)["input_ids"]
             features["labels"] = [ids + [tokenizer.eos_token_id] for ids in targets]
         return features
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
-        index = torch.tensor([f["index"] for f in features])
         if not self.decoder_only:
-            batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)(
-                [{k: f[k] for k in ("input_ids", "attention_mask", "labels") if k in f} for f in features]
-            )
-            return {**batch, "index": index}
+            return dict(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)(features))
         prompts = [f["input_ids"] for f in features]
         batch = {
-            "index": index,
             "prompt_ids": pad(prompts, tokenizer.pad_token_id, left=True),
             "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
         }
@@ -189,20 +170,21 @@ class GenerationTask(Task):
         """{name: torchmetrics Metric updated with (predicted texts, reference texts)}."""
         raise NotImplementedError
 
-    def metrics(self, split: str) -> MetricCollection:
+    def metrics(self, split: str, context: Any) -> MetricCollection:
         return MetricCollection({} if split == "train" else self.text_metrics())
 
-    def evaluates(self, split: str, epoch: int) -> bool:
-        if split == "val":
-            return self.generate_every_n_epochs > 0 and (epoch + 1) % self.generate_every_n_epochs == 0
-        return split == "test"
+    def computes_metrics(self, split: str, fit_epoch: Optional[int]) -> bool:
+        if split == "train":
+            return False
+        if split == "val" and fit_epoch is not None:
+            return self.generate_every_n_epochs > 0 and (fit_epoch + 1) % self.generate_every_n_epochs == 0
+        return True
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any) -> None:
-        tokenizer = self.tokenizer
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any, tokenizer: Any) -> None:
         predictions = self.generate(model, batch, tokenizer)
         labels = batch["labels"].masked_fill(batch["labels"] == IGNORE, tokenizer.pad_token_id)
         references = [t.strip() for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
         metrics.update(predictions, references)
 
-    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        return [{"generated_text": text} for text in self.generate(model, batch, self.tokenizer)]
+    def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
+        return [{"generated_text": text} for text in self.generate(model, batch, tokenizer)]

@@ -34,6 +34,15 @@ class LoraSettings:
     use_dora: bool = False
     use_rslora: bool = False
 
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise InputError(f"model.lora.r: the LoRA rank must be at least 1, got {self.r} (model.lora: null "
+                             "fine-tunes every weight instead)")
+        if self.alpha <= 0:
+            raise InputError(f"model.lora.alpha: must be positive, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise InputError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+
 
 def apply_lora(model: PreTrainedModel, settings: LoraSettings, modules_to_save: list[str]) -> PeftModel:
     """Wrap `model` with a LoRA adapter; `modules_to_save` are trained in full and saved with it."""

@@ -20,8 +20,11 @@ from finetune.registry import build_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
 
-STAGES = ("train", "val", "test")
-FSDP_PREFIX = "_fsdp_wrapped_module."
+SPLITS = ("train", "val", "test")  # the splits with metrics
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
+FSDP_PREFIX = "_fsdp_wrapped_module."  # (how FSDP's wrappers prefix parameter names)
+#: Version of what checkpoints hold; `on_load_checkpoint` refuses others with a message.
+CHECKPOINT_FORMAT = 2
 
 
 class FineTuneModule(LightningModule):
@@ -58,10 +61,8 @@ class FineTuneModule(LightningModule):
         allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__()
-        self.task = build_task(task)
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.save_hyperparameters()
-        self._store_plain_hparams()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.backbone = backbone
@@ -71,11 +72,15 @@ class FineTuneModule(LightningModule):
         self.skip_nonfinite_batches = skip_nonfinite_batches
         self.allow_pickle_weights = allow_pickle_weights
         self.skipped_batches = 0
+        self.batches_done = 0  # of the current epoch (checkpoints store it: a resumed run continues there)
         # Loaded now, so a wrong backbone fails before any data is read; the weights load in
         # `configure_model`, once the data has told the task what it needs (e.g. the label count).
-        config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
-        self.task.configure_backbone(config, self.tokenizer)
+        self.backbone_config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
+        task = build_task(task)
+        self.task = task.with_options(**task.backbone_options(self.backbone_config, self.tokenizer))
+        self._store_plain_hparams()
         self.model: Optional[nn.Module] = None
+        self.metrics = nn.ModuleDict()
         # Only what is trained goes into checkpoints; the frozen backbone comes from `backbone`.
         self.strict_loading = False
 
@@ -84,8 +89,8 @@ class FineTuneModule(LightningModule):
         if self.model is not None:  # Lightning calls this once per stage
             return
         model, new_weights = load_model(
-            self.task.auto_model, self.backbone, self.trust_remote_code, self.allow_pickle_weights,
-            **self.task.model_kwargs(), **quantized_loading(self.quantization, self.lora),
+            self.task.model_class(self.backbone_config), self.backbone, self.trust_remote_code,
+            self.allow_pickle_weights, **self.task.model_kwargs(), **quantized_loading(self.quantization, self.lora),
         )
         if self.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
@@ -100,9 +105,14 @@ class FineTuneModule(LightningModule):
             model = apply_lora(model, self.lora, sorted(set(heads) | new_modules))
         model.train()  # from_pretrained returns eval mode, which would switch dropout off
         self.model = model
-        # (keys are suffixed: `train` would shadow nn.Module.train)
-        self.metrics = nn.ModuleDict({f"{stage}_metrics": self.task.metrics(stage) for stage in STAGES})
-        self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("val", "test")})
+        self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in ("val", "test")})
+
+    def setup(self, stage: str) -> None:
+        # Metrics are built per stage, once the data module has read the splits: they receive what the
+        # task needs of a split (its context), e.g. QA's contexts and answers.
+        contexts = self.trainer.datamodule.contexts
+        for split in STAGE_SPLITS[stage]:  # (keys are suffixed: `train` would shadow nn.Module.train)
+            self.metrics[f"{split}_metrics"] = self.task.metrics(split, contexts.get(split))
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -110,11 +120,15 @@ class FineTuneModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # --- steps -----------------------------------------------------------------------------
+    def computes_metrics(self, split: str) -> bool:
+        fitting = self.trainer.state.fn == "fit"
+        return self.task.computes_metrics(split, self.current_epoch if fitting else None)
+
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         outputs = self.task.forward(self.model, batch)
         loss = self.task.loss(outputs, batch)
-        if self.task.evaluates(stage, self.current_epoch):
-            self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model)
+        if self.computes_metrics(stage):
+            self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model, self.tokenizer)
         if stage == "train":  # per step, no cross-process sync (that would stall every step)
             self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["index"]))
         else:  # exact mean over the split, weighted by what each batch's loss averages over
@@ -127,10 +141,14 @@ class FineTuneModule(LightningModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + 1_000_003 * self.global_step + self.global_rank
         accumulate = self.trainer.accumulate_grad_batches
         torch.manual_seed(seed + (7_919 * (batch_idx % accumulate) if accumulate > 1 else 0))
+        self.batches_done = batch_idx + 1  # (checkpoints are saved after the batch: it is done by then)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
         loss = self._step(batch, "train")
-        if torch.isfinite(loss):  # (one host sync per step: the price of stopping at the bad step)
+        finite = bool(torch.isfinite(loss))  # (one host sync per step: the price of stopping at the bad step)
+        if self.trainer.world_size > 1:  # every process takes the same decision, or the others hang in all-reduce
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
             return loss
         if self.skip_nonfinite_batches:
             self.skipped_batches += 1
@@ -138,7 +156,8 @@ class FineTuneModule(LightningModule):
             return None  # Lightning skips the optimizer step
         examples = batch["index"].tolist()
         raise NonFiniteLossError(
-            f"the training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}, batch "
+            f"the training loss is {loss.item() if not torch.isfinite(loss) else 'not finite in another process'} at "
+            f"step {self.global_step} (epoch {self.current_epoch}, batch "
             f"{batch_idx}; examples {examples[:16]}{'...' if len(examples) > 16 else ''}, 0-based rows of "
             "data.train_file). Lower the learning rate, check those rows, or set model.skip_nonfinite_batches: true"
         )
@@ -150,7 +169,7 @@ class FineTuneModule(LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
-        predictions = self.task.predict(self.model, batch)
+        predictions = self.task.predict(self.model, batch, self.tokenizer)
         for prediction, index in zip(predictions, batch["index"].tolist()):
             prediction["index"] = index
         return predictions
@@ -162,13 +181,11 @@ class FineTuneModule(LightningModule):
             values[f"{stage}/loss"] = self.losses[f"{stage}_loss"].compute()
             self.losses[f"{stage}_loss"].reset()
         metrics = self.metrics[f"{stage}_metrics"]
-        evaluated = metrics and self.task.evaluates(stage, self.current_epoch)
-        for name, value in metrics.compute().items() if evaluated else ():
-            if value.ndim == 0:
-                values[f"{stage}/{name}"] = value
-            else:
-                for key, item in zip(self.task.metric_names(name, value.numel()), value.flatten()):
-                    values[f"{stage}/{key}"] = item
+        for name, value in metrics.compute().items() if metrics and self.computes_metrics(stage) else ():
+            if value.ndim:
+                raise TypeError(f"Task.metrics: metric {name!r} computes a tensor of shape {tuple(value.shape)}; "
+                                "return one scalar per name (torchmetrics' ClasswiseWrapper names per-class values)")
+            values[f"{stage}/{name}"] = value
         metrics.reset()
         if not values:
             return
@@ -212,8 +229,10 @@ class FineTuneModule(LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         self._store_plain_hparams()
         checkpoint["hyper_parameters"] = dict(self.hparams)
+        checkpoint["finetune_format"] = CHECKPOINT_FORMAT
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_format(checkpoint)
         trainable = self.trainable_names()
         saved = set(checkpoint["state_dict"])
         # A checkpoint that also holds the frozen weights (DeepSpeed saves the whole module) loads:
@@ -230,3 +249,13 @@ class FineTuneModule(LightningModule):
                 f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). "
                 "Was it written with another backbone, task or LoRA setting?"
             )
+
+
+def check_format(checkpoint: dict[str, Any], path: str = "the checkpoint") -> None:
+    """Refuse, with a message, a checkpoint written by another version of finetune's format."""
+    found = checkpoint.get("finetune_format")
+    if found != CHECKPOINT_FORMAT:
+        written = f"format {found}" if found else "an earlier format (before tasks were dataclasses)"
+        raise InputError(f"--ckpt_path: {path} was written by a finetune of {written}; this version reads format "
+                         f"{CHECKPOINT_FORMAT}. Load it with the finetune version that wrote it (e.g. to `finetune "
+                         "export` it), or train again")

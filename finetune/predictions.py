@@ -39,7 +39,8 @@ class PredictionWriter(BasePredictionWriter):
             rows = [row for share in shares for row in share]
         if not trainer.is_global_zero:
             return
-        rows = pl_module.task.merge_predictions(sorted(rows, key=lambda row: row["index"]))
+        context = trainer.datamodule.contexts.get("predict")
+        rows = pl_module.task.merge_predictions(sorted(rows, key=lambda row: row["index"]), context)
         tmp = self.output_file.with_name(self.output_file.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:

@@ -93,3 +93,4 @@ def build_task(spec: Task | str | dict[str, Any]) -> Task:
             raise InputError(f"model.task: {path!r} is not a finetune Task")
         return cls(**spec.get("init_args", {}))
     raise InputError(f"model.task: expected a task name, a Task or a class_path dict, got {spec!r}")
+

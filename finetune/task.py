@@ -1,28 +1,30 @@
 """The contract a task plugin implements.
 
-A task owns everything that differs between, say, classification and question answering: which
-Hugging Face head it needs, which columns it reads, how examples become features, how features
-collate into a batch, the loss, the metrics and how outputs become predictions. The core
-(`finetune.module`, `finetune.data`) calls these hooks and owns everything else.
+A task is a frozen dataclass: its fields are its options (`model.task.init_args` in a config), and
+the core stores `dataclasses.asdict(task)` in checkpoints. What it reads is declared (`columns`),
+what it learns from data or from the backbone is *returned* and becomes part of those options, and
+what evaluation needs of a split (`split_context`) is returned and handed to the hooks that use it.
+Nothing is kept on the task between hooks (it is frozen), so a task is the same wherever it runs.
 
 Who calls what, in order:
-  module, when built: `configure_backbone` (the backbone's config and tokenizer)
-  data module, per split: `read_file` (custom formats) -> column check (`input_columns`,
-      `target_columns`) -> `prepare` -> `datasets.map(preprocess)`, cached -> `collate` per batch
-  module: `model_kwargs` when loading the backbone; `metrics(split)` once per split;
-      every step `forward` -> `loss`; on evaluation steps `update_metrics`;
-      on predict steps `predict`, and `merge_predictions` once over all rows before writing.
+  module, when built: `backbone_options(config, tokenizer)` -> options set from the backbone;
+      `model_class(config)` and `model_kwargs()` when loading the weights
+  data module, per split: `read_file` (formats of the task's own) -> the core checks the declared
+      `columns` -> on `train`: `learn(rows)` -> options learned (e.g. the label set) ->
+      `check_rows` -> `split_context` -> `datasets.map(preprocess)`, cached -> `collate` per batch
+  module, per stage: `metrics(split, context)`; every step `forward` -> `loss` (a mean over
+      `loss_weight(batch)` items); when `computes_metrics`, `update_metrics`; on predict steps
+      `predict`, and `merge_predictions(rows, context)` once over all rows before writing.
 
-Constructor arguments of a task are its configuration (`model.task.init_args` in a config). Keep
-each one in an attribute of the same name: `config()` reads them back to store the task in
-checkpoints, so a checkpoint restores the task exactly (including a label set learned from data).
+The core adds `index` (the example a feature comes from) to every batch and reads each feature's
+length from its `input_ids`; a task never handles either.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional
 
 import torch
 from torchmetrics import MetricCollection
@@ -30,30 +32,49 @@ from transformers import DataCollatorWithPadding, PretrainedConfig, PreTrainedMo
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
+#: What a column holds, which the core checks before any hook sees the rows:
+#:   text: a non-empty string; words: a non-empty list of non-empty strings; id: any value but null;
+#:   label: any value but null (the task checks the label set); record: an object {...}.
+ColumnKind = Literal["text", "words", "id", "label", "record"]
+
+
+@dataclass(frozen=True)
+class Column:
+    """A column the task reads. `option` is the task option that holds the column's name (so messages
+    can name the setting, `model.task.init_args.<option>`); an option set to None reads no column."""
+
+    option: str
+    kind: ColumnKind = "text"
+    #: Read for training and evaluation, not for `predict` (labels, answers, reference texts).
+    target: bool = False
+    #: The column holds objects and the value is under this key (e.g. a language of a translation pair).
+    field: Optional[str] = None
+
 
 class Task:
-    #: Registry name; also the prefix of the task's entry point.
-    name: ClassVar[str] = ""
-    #: `transformers.AutoModelFor...` class the backbone is loaded with.
-    auto_model: ClassVar[type]
+    """Base class of task plugins. Subclasses are `@dataclass(frozen=True)`; their fields are the options."""
+
     #: Head modules (name suffixes) trained in full next to the LoRA adapter and saved with it.
     head_modules: ClassVar[tuple[str, ...]] = ()
-    #: The text columns hold lists of words instead of strings (token classification).
-    is_split_into_words: ClassVar[bool] = False
+    #: {feature key: option holding its token limit}: the core reports examples those limits cut short.
+    length_limits: ClassVar[dict[str, str]] = {}
 
-    # --- columns -------------------------------------------------------------------------------
-    def input_columns(self) -> dict[str, str]:
-        """Columns every split must have, as {config key: column name}."""
+    # --- what the task reads and which model it needs -----------------------------------------
+    def columns(self) -> list[Column]:
         raise NotImplementedError
 
-    def target_columns(self) -> dict[str, str]:
-        """Columns every split except `predict` must have, as {config key: column name}."""
+    def model_class(self, config: PretrainedConfig) -> type:
+        """The `transformers.AutoModelFor...` class to load the backbone with, given its config."""
         raise NotImplementedError
 
-    # --- backbone ------------------------------------------------------------------------------
-    def configure_backbone(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-        """See the backbone's config and tokenizer before any data is prepared (e.g. to pick the
-        head class by architecture). Default: nothing."""
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for `from_pretrained` (e.g. `num_labels`)."""
+        return {}
+
+    def backbone_options(self, config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """Options the backbone decides (e.g. decoder-only or not), returned as {option: value}; raise
+        InputError for a backbone the task cannot use. Default: none."""
+        return {}
 
     # --- data ----------------------------------------------------------------------------------
     def read_file(self, path: str) -> Optional[Any]:
@@ -61,83 +82,83 @@ class Task:
         or None to let the core read JSONL/JSON/CSV/Parquet. Default: None."""
         return None
 
-    def prepare(self, split: str, dataset: Any, source: str) -> None:
-        """See a raw split before it is tokenized: learn from `train` (e.g. the label set), reject
-        bad values (naming `source` and the row), keep what evaluation needs. Default: nothing."""
+    def learn(self, train: Any) -> dict[str, Any]:
+        """Options learned from the training split (e.g. `{"labels": [...]}`); they are stored with the
+        task, so a checkpoint restores them. Default: none."""
+        return {}
+
+    def check_rows(self, split: str, rows: Any, where: str) -> None:
+        """Reject values the column kinds do not cover (an unknown label, an answer not in its
+        context) with an InputError naming `where` (the file) and the row. Default: nothing."""
+
+    def split_context(self, split: str, rows: Any) -> Any:
+        """What the split's metrics and prediction merging need of its raw rows (e.g. QA's contexts and
+        answers); passed to `metrics` and `merge_predictions`. Default: None."""
+        return None
 
     def preprocess(
         self, examples: dict[str, list], tokenizer: PreTrainedTokenizerBase, with_targets: bool
     ) -> dict[str, list]:
-        """Turn a batch of raw examples (column -> values) into features (batched `datasets.map`).
-        A task that makes several features per example (windows) returns the tokenizer's
-        `overflow_to_sample_mapping`; the core turns it into each feature's example `index`."""
+        """A batch of raw examples (column -> values) -> features, including `input_ids` (batched
+        `datasets.map`, cached). A task that makes several features per example (windows) returns the
+        tokenizer's `overflow_to_sample_mapping`; the core turns it into each feature's `index`."""
         raise NotImplementedError
 
     def collate(self, features: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
         """Pad a list of features into a batch, to the longest item. Default: the tokenizer's padding;
-        other fields (labels, index) become tensors as they are."""
+        other fields (labels) become tensors as they are."""
         return dict(DataCollatorWithPadding(tokenizer)(features))
 
     # --- model ---------------------------------------------------------------------------------
-    def model_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments for `auto_model.from_pretrained` (e.g. `num_labels`)."""
-        return {}
-
     def forward(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> Any:
         """Run the model on a batch. Default: the tokenizer's inputs only; the task computes the loss."""
         return model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean loss over the `loss_weight(batch)` items of the batch."""
         raise NotImplementedError
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
-        """How many items `loss` averages over in this batch, so that the evaluation loss is the
-        exact mean over the whole split however it is batched or spread over processes.
-        Default: the number of features (rows)."""
+        """How many items `loss` averages over (rows, or target tokens for a token-level loss), so that
+        the core's losses are exact means however the work is batched or spread. Default: rows."""
         return len(batch["index"])
 
     # --- evaluation ----------------------------------------------------------------------------
-    def metrics(self, split: str) -> MetricCollection:
-        """A fresh metric collection for `split` (train, val or test); the core updates it on that
-        split's steps, computes it once per epoch (synced across processes) and resets it."""
+    def metrics(self, split: str, context: Any) -> MetricCollection:
+        """Fresh metrics for `split` (train, val or test), given the split's context; the core updates
+        them on that split's steps, computes them once per epoch (synced across processes) and resets them."""
         raise NotImplementedError
 
-    def evaluates(self, split: str, epoch: int) -> bool:
-        """Whether `update_metrics` runs on this split this epoch (e.g. generation only every N
-        epochs). Loss is always reported. Default: always."""
+    def computes_metrics(self, split: str, fit_epoch: Optional[int]) -> bool:
+        """Whether `update_metrics` runs on this split: `fit_epoch` is the epoch during `fit`, None in a
+        standalone `validate` or `test` (e.g. generate only every N epochs of a fit). The loss is always
+        reported. Default: always."""
         return True
 
-    def update_metrics(
-        self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor], model: PreTrainedModel
-    ) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict[str, torch.Tensor],
+                       model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         raise NotImplementedError
-
-    def metric_names(self, name: str, size: int) -> list[str]:
-        """Names for the entries of a vector-valued metric (e.g. per-label F1). Default: indices."""
-        return [f"{name}/{i}" for i in range(size)]
 
     # --- prediction ----------------------------------------------------------------------------
-    def predict(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """Human-readable, JSON-serialisable predictions, one dict per feature in the batch."""
+    def predict(self, model: PreTrainedModel, batch: dict[str, torch.Tensor],
+                tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
+        """JSON-serialisable predictions, one dict per feature in the batch."""
         raise NotImplementedError
 
-    def merge_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """All decoded rows of a predict run (each with its example `index`, in index order) -> one
+    def merge_predictions(self, rows: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
+        """All predicted rows of a predict run (each with its example `index`, in index order) -> one
         row per input example, still carrying `index`. Default: as they are (one feature per example)."""
         return rows
 
-    # --- persistence ---------------------------------------------------------------------------
+    # --- persistence (the core's) ------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        """The task as `{"class_path", "init_args"}`: what checkpoints store and configs accept.
-        Plain data only (dataclasses become dicts), so checkpoints load with `weights_only=True`."""
+        """The task as `{"class_path", "init_args"}`: what checkpoints store and configs accept."""
         cls = type(self)
-        params = []  # a subclass may pass **kwargs on to its parent: collect along the MRO
-        for klass in cls.__mro__[: cls.__mro__.index(Task)]:
-            params += [p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "args", "kwargs")]
-        missing = [p for p in dict.fromkeys(params) if not hasattr(self, p)]
-        if missing:
-            raise TypeError(f"{cls.__name__} does not keep its constructor arguments {missing} in attributes of the "
-                            "same name, so checkpoints cannot store the task")
-        values = {p: getattr(self, p) for p in dict.fromkeys(params)}
-        values = {p: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for p, v in values.items()}
-        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": values}
+        if not dataclasses.is_dataclass(self):
+            raise TypeError(f"{cls.__name__} must be a dataclass (@dataclass(frozen=True)): its fields are the "
+                            "task's options, which checkpoints store")
+        return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dataclasses.asdict(self)}
+
+    def with_options(self, **options: Any) -> Task:
+        """A copy of the task with some options changed (what `learn` and `backbone_options` return)."""
+        return dataclasses.replace(self, **options) if options else self

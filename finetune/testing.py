@@ -24,6 +24,7 @@ A violation raises `ConformanceError` (an `AssertionError`) that names the hook 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics import Metric, MetricCollection
 
+from finetune.columns import declared_columns
 from finetune.registry import build_task
 from finetune.task import Task
 
@@ -163,15 +165,16 @@ class ContractChecks(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step > 0 or batch_idx > 0:
             return
-        task, model = pl_module.task, pl_module.model
+        task, model, tokenizer = pl_module.task, pl_module.model, pl_module.tokenizer
         check_loss(task, model, pl_module, batch)
         datamodule = trainer.datamodule
         model.eval()
         with torch.inference_mode():
             val_batch = trainer.strategy.batch_to_device(next(iter(datamodule.val_dataloader())))
-            check_metrics(task, model, val_batch)
+            check_metrics(task, model, tokenizer, val_batch, datamodule.contexts.get("val"))
             datamodule.setup("predict")
-            check_predict(task, model, trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader()))))
+            predict_batch = trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader())))
+            check_predict(task, model, tokenizer, predict_batch, datamodule.contexts.get("predict"))
         model.train()
 
 
@@ -198,16 +201,17 @@ def check_loss(task: Task, model: torch.nn.Module, module: torch.nn.Module, batc
         _fail("loss_weight", f"must be a positive count of what the loss averages over, got {weight!r}")
 
 
-def check_metrics(task: Task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    metrics = task.metrics("val")
+def check_metrics(task: Task, model: torch.nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
+                  context: Any) -> None:
+    metrics = task.metrics("val", context)
     if not isinstance(metrics, (MetricCollection, Metric)):
         _fail("metrics", f"must return a torchmetrics MetricCollection, got {type(metrics).__name__}")
-    if not task.evaluates("val", 0):
+    if not task.computes_metrics("val", None):
         return
     outputs = task.forward(model, batch)
 
     def computed() -> dict[str, torch.Tensor]:
-        task.update_metrics(metrics, outputs, batch, model)
+        task.update_metrics(metrics, outputs, batch, model, tokenizer)
         values = metrics.compute()
         return values if isinstance(values, dict) else {"value": values}
 
@@ -215,8 +219,9 @@ def check_metrics(task: Task, model: torch.nn.Module, batch: dict[str, torch.Ten
     if not first:
         _fail("metrics", "computes no values")
     for name, value in first.items():
-        if not isinstance(value, torch.Tensor) or not torch.isfinite(value.float()).all():
-            _fail("update_metrics", f"metric {name!r} computes {value!r}; expected a finite tensor")
+        if not isinstance(value, torch.Tensor) or value.ndim or not torch.isfinite(value.float()):
+            _fail("update_metrics", f"metric {name!r} computes {value!r}; expected a finite scalar tensor (name "
+                                    "per-class values with torchmetrics' ClasswiseWrapper)")
     metrics.reset()
     again = computed()  # after a reset, one update must give the same values: no state survives `reset`
     for name, value in first.items():
@@ -225,8 +230,9 @@ def check_metrics(task: Task, model: torch.nn.Module, batch: dict[str, torch.Ten
                              "declare all state with `add_state` so `reset` clears it")
 
 
-def check_predict(task: Task, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    rows = task.predict(model, batch)
+def check_predict(task: Task, model: torch.nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
+                  context: Any) -> None:
+    rows = task.predict(model, batch, tokenizer)
     indices = batch["index"].tolist()
     if not isinstance(rows, list) or len(rows) != len(indices) or not all(isinstance(r, dict) for r in rows):
         _fail("predict", f"must return one dict per feature of the batch ({len(indices)}), got "
@@ -237,7 +243,7 @@ def check_predict(task: Task, model: torch.nn.Module, batch: dict[str, torch.Ten
         except (TypeError, ValueError) as err:
             _fail("predict", f"row {row!r:.200} is not JSON-serialisable ({err}): return plain Python values")
     merged = task.merge_predictions(sorted(({**row, "index": i} for row, i in zip(rows, indices)),
-                                           key=lambda row: row["index"]))
+                                           key=lambda row: row["index"]), context)
     merged_indices = [row.get("index") for row in merged]
     if merged_indices != sorted(set(indices)):
         _fail("merge_predictions", f"must return one row per example, with its `index`, in index order: got indices "
@@ -267,19 +273,21 @@ def check_task(
 
     workdir = Path(workdir)
     task = build_task(task)
+    if not dataclasses.is_dataclass(task) or not _is_frozen(task):
+        _fail("config", f"{type(task).__name__} must be a @dataclass(frozen=True): its fields are its options, and "
+                        "nothing may be kept on it between hooks")
     try:
         config = task.config()
         json.dumps(config)
-    except (TypeError, ValueError, AttributeError) as err:
-        _fail("config", f"must be plain data (checkpoints store it and load with weights_only=True): {err}")
-    if build_task(config).config() != config:
-        _fail("config", "does not rebuild an equal task: keep every constructor argument in an attribute of the same "
-                        "name (and pass **kwargs on to the parent class)")
+    except (TypeError, ValueError) as err:
+        _fail("config", f"options must be plain data (checkpoints store them and load with weights_only=True): {err}")
+    if build_task(config) != task:
+        _fail("config", "does not rebuild an equal task from its stored options")
     if config["class_path"].startswith("__main__."):
         _fail("config", "the task class is defined in __main__; define it in an importable module")
     if not rows:
         raise ValueError("check_task needs some rows of data")
-    inputs = set(task.input_columns().values())
+    inputs = {name for _, name in declared_columns(task, "predict")}
     val_rows = list(rows) if processes <= 1 or len(rows) % processes else list(rows)[:-1]
     predict_rows = predict_rows or [{k: v for k, v in row.items() if k in inputs} for row in rows]
     files = {name: _write_jsonl(workdir / "data" / f"{name}.jsonl", data)
@@ -311,8 +319,8 @@ def check_task(
          f"--predictions.output_file={reloaded}", f"--trainer.default_root_dir={workdir / 'predict'}"])
     predictions = _read_jsonl(reloaded)
     if not _close(predictions, _read_jsonl(in_memory)):
-        _fail("config", "predictions from the saved checkpoint differ from the trained model's: does the task keep "
-                        "what it learned from data (e.g. its label set) in a constructor argument?")
+        _fail("config", "predictions from the saved checkpoint differ from the trained model's: does the task "
+                        "return what it learns from data (e.g. its label set) from `learn`?")
     if len(predictions) != len(predict_rows):
         _fail("merge_predictions", f"{len(predictions)} predictions were written for {len(predict_rows)} inputs")
     validate = run(["validate", *on_checkpoint, "--trainer.devices=1", f"--data.val_file={files['val']}",
@@ -338,6 +346,17 @@ def check_task(
         if not _close(_read_jsonl(spread_file), predictions):
             _fail("merge_predictions", f"predictions with {processes} processes differ from those with one")
     return report
+
+
+def _is_frozen(task: Task) -> bool:
+    fields = dataclasses.fields(task)
+    if not fields:
+        return True
+    try:
+        setattr(task, fields[0].name, getattr(task, fields[0].name))
+    except dataclasses.FrozenInstanceError:
+        return True
+    return False
 
 
 def _finetune(args: list[str], cwd: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -14,16 +15,18 @@ from torchmetrics.classification import (
     MultilabelExactMatch,
     MultilabelF1Score,
 )
+from torchmetrics.wrappers import ClasswiseWrapper
 from transformers import AutoModelForSequenceClassification
 
 from finetune.errors import InputError
-from finetune.task import Task
+from finetune.task import Column, Task
 
 Label = Union[str, int]
 
 
+@dataclass(frozen=True)
 class TextClassification(Task):
-    """Args:
+    """Options:
     text_column / text_pair_column: the text, and an optional second text (sentence pairs).
     label_column: one label per row, or a list of labels per row when `multi_label`.
     labels: the label set, in id order; learned from the training split when not given.
@@ -32,57 +35,51 @@ class TextClassification(Task):
     max_length: longer inputs are truncated to this many tokens.
     """
 
-    name = "classification"
-    auto_model = AutoModelForSequenceClassification
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    labels: Optional[list[Label]] = None
+    multi_label: bool = False
+    threshold: float = 0.5
+    max_length: int = 256
+
     head_modules = ("classifier", "score")
+    length_limits = {"input_ids": "max_length"}
 
-    def __init__(
-        self,
-        text_column: str = "text",
-        text_pair_column: Optional[str] = None,
-        label_column: str = "label",
-        labels: Optional[list[Label]] = None,
-        multi_label: bool = False,
-        threshold: float = 0.5,
-        max_length: int = 256,
-    ) -> None:
-        self.text_column = text_column
-        self.text_pair_column = text_pair_column
-        self.label_column = label_column
-        self.labels = labels
-        self.multi_label = multi_label
-        self.threshold = threshold
-        self.max_length = max_length
+    def __post_init__(self) -> None:
+        if self.max_length < 1:
+            raise InputError(f"model.task.init_args.max_length: must be at least 1, got {self.max_length}")
 
-    def input_columns(self) -> dict[str, str]:
-        columns = {"text_column": self.text_column}
-        if self.text_pair_column:
-            columns["text_pair_column"] = self.text_pair_column
-        return columns
+    def columns(self) -> list[Column]:
+        return [Column("text_column"), Column("text_pair_column"), Column("label_column", "label", target=True)]
 
-    def target_columns(self) -> dict[str, str]:
-        return {"label_column": self.label_column}
+    def model_class(self, config: Any) -> type:
+        return AutoModelForSequenceClassification
 
     def _row_labels(self, value: Any) -> list[Any]:
         return list(value) if self.multi_label and isinstance(value, (list, tuple)) else [value]
 
-    def prepare(self, split: str, dataset: Any, source: str) -> None:
-        if split == "train" and self.labels is None:
-            seen = {label for value in dataset[self.label_column] for label in self._row_labels(value)}
-            seen.discard(None)
-            self.labels = sorted(seen)
-        if split == "train" and len(self.labels) < (1 if self.multi_label else 2):
+    def learn(self, train: Any) -> dict[str, Any]:
+        if self.labels is not None:
+            return {}
+        return {"labels": sorted({label for value in train[self.label_column] for label in self._row_labels(value)})}
+
+    def check_rows(self, split: str, rows: Any, where: str) -> None:
+        if self.labels is None:  # (only on a split other than train: `learn` saw the training split)
+            raise InputError("model.task.init_args.labels: no label set; give it, or a checkpoint (--ckpt_path), or "
+                             "data.train_file to learn it from")
+        if len(self.labels) < 2:
             raise InputError(f"model.task.init_args.labels: need at least 2 labels, found {self.labels}")
         if split == "predict":
             return
         known = set(self.labels)
-        for row, value in enumerate(dataset[self.label_column], start=1):
+        for row, value in enumerate(rows[self.label_column], start=1):
             if self.multi_label and not isinstance(value, (list, tuple)):
-                raise InputError(f"{source}, row {row}: column {self.label_column!r} must hold a list of labels")
+                raise InputError(f"{where}, row {row}: column {self.label_column!r} must hold a list of labels")
             unknown = [label for label in self._row_labels(value) if label not in known]
             if unknown:
                 raise InputError(
-                    f"{source}, row {row}: label {unknown[0]!r} in column {self.label_column!r} is not in the "
+                    f"{where}, row {row}: label {unknown[0]!r} in column {self.label_column!r} is not in the "
                     f"label set {self.labels} (model.task.init_args.labels, or learned from the training split)"
                 )
 
@@ -112,30 +109,28 @@ class TextClassification(Task):
             return F.binary_cross_entropy_with_logits(outputs.logits, batch["labels"].to(outputs.logits.dtype))
         return F.cross_entropy(outputs.logits, batch["labels"])
 
-    def metrics(self, split: str) -> MetricCollection:
+    def metrics(self, split: str, context: Any) -> MetricCollection:
         n = len(self.labels)
         if self.multi_label:
+            per_label = MultilabelF1Score(n, threshold=self.threshold, average="none")
             return MetricCollection({
                 "accuracy": MultilabelAccuracy(n, threshold=self.threshold, average="micro"),
                 "exact_match": MultilabelExactMatch(n, threshold=self.threshold),
                 "f1_macro": MultilabelF1Score(n, threshold=self.threshold, average="macro"),
-                "f1": MultilabelF1Score(n, threshold=self.threshold, average="none"),
+                "f1": ClasswiseWrapper(per_label, labels=[str(label) for label in self.labels], prefix="f1/"),
             })
         return MetricCollection({
             "accuracy": MulticlassAccuracy(n, average="micro"),
             "f1_macro": MulticlassF1Score(n, average="macro"),
         })
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any, tokenizer: Any) -> None:
         if self.multi_label:
             metrics.update(torch.sigmoid(outputs.logits.float()), batch["labels"].long())
         else:
             metrics.update(outputs.logits.float(), batch["labels"])
 
-    def metric_names(self, name: str, size: int) -> list[str]:
-        return [f"{name}/{label}" for label in self.labels]
-
-    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
         logits = self.forward(model, batch).logits.float()
         probs = torch.sigmoid(logits) if self.multi_label else torch.softmax(logits, dim=-1)
         predictions = []

@@ -1,38 +1,62 @@
 """Extractive question answering (SQuAD v1.1 / v2.0): find the answer span to a question in a context.
 
 Long contexts are cut into overlapping windows (features); the core gives each window its example
-`index`. A window's best span and its no-answer score are kept in a torchmetrics `Metric`, so an
-example's windows are combined across steps and, under DDP, across processes before the
-answer is chosen; EM/F1 follow the official SQuAD evaluation script.
+`index`. Windows become answers in one place, `best_answers`, a pure function of the windows' span
+candidates and the split's contexts (as HF's reference post-processing): the metric calls it with
+each window's best span (kept in metric states, so an example's windows are combined across steps
+and, under DDP, across processes), `merge_predictions` with each window's n best. EM/F1 follow the
+official SQuAD evaluation script.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import re
 import string
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import datasets
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 from transformers import AutoModelForQuestionAnswering
 
 from finetune.errors import InputError
-from finetune.task import MODEL_INPUTS, Task
+from finetune.task import MODEL_INPUTS, Column, Task
 
 NO_CONTEXT = [-1, -1]  # offsets of tokens that are not context (question, special tokens, padding)
 
 
+@dataclass(frozen=True)
+class Decoding:
+    """How windows' logits become answers: the task options of the same names."""
+
+    n_best: int
+    max_answer_length: int
+    version_2_with_negative: bool
+    null_score_diff_threshold: float
+
+
+@dataclass(frozen=True)
+class SplitContext:
+    """What evaluation and prediction need of a split's rows, by example index."""
+
+    ids: tuple[str, ...]
+    contexts: tuple[str, ...]
+    answers: Optional[tuple[tuple[str, ...], ...]]  # each example's gold answer texts; None for `predict`
+
+
+@dataclass(frozen=True)
 class QuestionAnswering(Task):
-    """Args:
+    """Options:
     question_column / context_column / id_column: the question, the text holding the answer, a unique id.
     answers_column: SQuAD's `{"text": [...], "answer_start": [...]}` (character offsets into the
-        context; empty lists: unanswerable). Training uses the first answer; evaluation the best match.
+        context; empty lists: unanswerable; a null offset: the answer's first occurrence in the context).
+        Training uses the first answer; evaluation the best match.
     max_length: tokens per window (question + context); longer contexts get several windows,
         overlapping by `doc_stride` tokens.
     n_best: start and end logits considered per window (and answers listed by `output_n_best`).
@@ -42,47 +66,37 @@ class QuestionAnswering(Task):
     output_n_best: `predict` also writes the `n_best` best answers per question.
     """
 
+    question_column: str = "question"
+    context_column: str = "context"
+    answers_column: str = "answers"
+    id_column: str = "id"
+    max_length: int = 384
+    doc_stride: int = 128
+    n_best: int = 20
+    max_answer_length: int = 30
+    version_2_with_negative: bool = False
+    null_score_diff_threshold: float = 0.0
+    output_n_best: bool = False
+
     name = "question_answering"
-    auto_model = AutoModelForQuestionAnswering
     head_modules = ("qa_outputs",)
 
-    def __init__(
-        self,
-        question_column: str = "question",
-        context_column: str = "context",
-        answers_column: str = "answers",
-        id_column: str = "id",
-        max_length: int = 384,
-        doc_stride: int = 128,
-        n_best: int = 20,
-        max_answer_length: int = 30,
-        version_2_with_negative: bool = False,
-        null_score_diff_threshold: float = 0.0,
-        output_n_best: bool = False,
-    ) -> None:
-        if not 0 <= doc_stride < max_length:
-            raise InputError(f"model.task.init_args.doc_stride ({doc_stride}) must be in [0, max_length={max_length})")
-        self.question_column = question_column
-        self.context_column = context_column
-        self.answers_column = answers_column
-        self.id_column = id_column
-        self.max_length = max_length
-        self.doc_stride = doc_stride
-        self.n_best = n_best
-        self.max_answer_length = max_answer_length
-        self.version_2_with_negative = version_2_with_negative
-        self.null_score_diff_threshold = null_score_diff_threshold
-        self.output_n_best = output_n_best
-        # What evaluation and prediction need of each split ({"id", "context", "answers"}), kept by
-        # `prepare` and looked up when the metric computes (the metric may exist before the split).
-        self.kept: dict[str, dict[str, list]] = {}
+    def __post_init__(self) -> None:
+        if not 0 <= self.doc_stride < self.max_length:
+            raise InputError(f"model.task.init_args.doc_stride ({self.doc_stride}) must be in "
+                             f"[0, max_length={self.max_length})")
 
-    def input_columns(self) -> dict[str, str]:
-        return {"question_column": self.question_column, "context_column": self.context_column,
-                "id_column": self.id_column}
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(self.n_best, self.max_answer_length, self.version_2_with_negative,
+                        self.null_score_diff_threshold)
 
-    def target_columns(self) -> dict[str, str]:
-        return {"answers_column": self.answers_column}
+    def columns(self) -> list[Column]:
+        return [Column("question_column", "text"), Column("context_column", "text"), Column("id_column", "id"),
+                Column("answers_column", "record", target=True)]
+
+    def model_class(self, config: Any) -> type:
+        return AutoModelForQuestionAnswering
 
     # --- data ----------------------------------------------------------------------------------
     def read_file(self, path: str) -> Optional[datasets.Dataset]:
@@ -106,7 +120,7 @@ class QuestionAnswering(Task):
                             self.id_column: str(qa["id"]), "title": article.get("title", ""),
                             self.context_column: paragraph["context"], self.question_column: qa["question"],
                             self.answers_column: {"text": [a["text"] for a in answers],
-                                                  "answer_start": [a["answer_start"] for a in answers]},
+                                                  "answer_start": [a.get("answer_start") for a in answers]},
                         })
         except (KeyError, TypeError) as err:
             raise InputError(f"{path}: not valid SQuAD JSON (missing or malformed {err})") from err
@@ -117,34 +131,34 @@ class QuestionAnswering(Task):
         })
         return datasets.Dataset.from_list(rows, features=features)
 
-    def prepare(self, split: str, dataset: Any, source: str) -> None:
-        ids, contexts = list(dataset[self.id_column]), list(dataset[self.context_column])
-        for id_, context, question in zip(ids, contexts, dataset[self.question_column]):
-            if not isinstance(context, str) or not isinstance(question, str):
-                raise InputError(f"{source}, id {id_!r}: question and context must be text")
-        answers = list(dataset[self.answers_column]) if split != "predict" else None
-        for id_, context, answer in zip(ids, contexts, answers or []):
-            self._check_answers(answer, context, f"{source}, id {id_!r}")
-        if split != "train":  # training needs only the features
-            self.kept[split] = {"id": [str(i) for i in ids], "context": contexts,
-                                "answers": [a["text"] for a in answers] if answers else None}
+    def check_rows(self, split: str, rows: Any, where: str) -> None:
+        if split == "predict":  # no answers to check
+            return
+        located = 0
+        for id_, context, answer in zip(rows[self.id_column], rows[self.context_column], rows[self.answers_column]):
+            at = f"{where}, id {id_!r}"
+            if not (isinstance(answer.get("text"), list) and isinstance(answer.get("answer_start"), list)
+                    and len(answer["text"]) == len(answer["answer_start"])):
+                raise InputError(f"{at}: column {self.answers_column!r} must be {{'text': [...], 'answer_start': "
+                                 f"[...]}} with lists of equal length (empty for no answer), got {answer!r}")
+            if not answer["text"] and not self.version_2_with_negative:
+                raise InputError(f"{at}: the question has no answer; for data with unanswerable questions "
+                                 "(SQuAD 2.0) set model.task.init_args.version_2_with_negative: true")
+            try:
+                answer_spans(answer, context)
+            except ValueError as err:
+                raise InputError(f"{at}: {err}") from err
+            located += answer["answer_start"].count(None)
+        if located:
+            answers = "1 answer" if located == 1 else f"{located} answers"
+            rank_zero_info(f"{where}: located {answers} whose answer_start was missing "
+                           "(at the answer's first occurrence in the context)")
 
-    def _check_answers(self, answer: Any, context: str, where: str) -> None:
-        column = f"column {self.answers_column!r}"
-        if not (isinstance(answer, dict) and isinstance(answer.get("text"), list)
-                and isinstance(answer.get("answer_start"), list)
-                and len(answer["text"]) == len(answer["answer_start"])):
-            raise InputError(f"{where}: {column} must be {{'text': [...], 'answer_start': [...]}} with lists of "
-                             f"equal length (empty for no answer), got {answer!r}")
-        if not answer["text"] and not self.version_2_with_negative:
-            raise InputError(f"{where}: the question has no answer; for data with unanswerable questions "
-                             "(SQuAD 2.0) set model.task.init_args.version_2_with_negative: true")
-        for text, start in zip(answer["text"], answer["answer_start"]):
-            ok = isinstance(text, str) and text and isinstance(start, int) and start >= 0
-            if not ok or context[start : start + len(text)] != text:
-                found = context[start : start + len(text)] if ok else None
-                raise InputError(f"{where}: answer_start {start!r} does not point at the answer {text!r} in the "
-                                 f"context (the context has {found!r} there)")
+    def split_context(self, split: str, rows: Any) -> Optional[SplitContext]:
+        if split == "train":  # training needs only the features
+            return None
+        answers = None if split == "predict" else tuple(tuple(a["text"]) for a in rows[self.answers_column])
+        return SplitContext(tuple(str(i) for i in rows[self.id_column]), tuple(rows[self.context_column]), answers)
 
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
         if not tokenizer.is_fast:
@@ -165,19 +179,18 @@ class QuestionAnswering(Task):
         features = {k: encoded[k] for k in MODEL_INPUTS if k in encoded}
         features["overflow_to_sample_mapping"] = encoded["overflow_to_sample_mapping"]
         features["offset_mapping"], features["cls_index"] = [], []
-        starts, ends = [], []
+        if with_targets:  # once per example, not per window
+            answers = [_first_span(a, c) for a, c in zip(examples[self.answers_column], contexts)]
+            features["start_positions"], features["end_positions"] = [], []
         for i, (ids, offsets) in enumerate(zip(encoded["input_ids"], encoded["offset_mapping"])):
             offsets = [list(o) if s == context_id else NO_CONTEXT for o, s in zip(offsets, encoded.sequence_ids(i))]
             cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
             features["offset_mapping"].append(offsets)
             features["cls_index"].append(cls)
             if with_targets:
-                answer = examples[self.answers_column][encoded["overflow_to_sample_mapping"][i]]
-                start, end = _label(offsets, answer, contexts[encoded["overflow_to_sample_mapping"][i]], cls)
-                starts.append(start)
-                ends.append(end)
-        if with_targets:
-            features["start_positions"], features["end_positions"] = starts, ends
+                start, end = _label(offsets, answers[encoded["overflow_to_sample_mapping"][i]], cls)
+                features["start_positions"].append(start)
+                features["end_positions"].append(end)
         return features
 
     def _check_question_lengths(self, questions: list[str], ids: list, tokenizer: Any) -> None:
@@ -197,7 +210,7 @@ class QuestionAnswering(Task):
         batch["offset_mapping"] = torch.tensor(
             [f["offset_mapping"] + [NO_CONTEXT] * (length - len(f["offset_mapping"])) for f in features]
         ).view(len(features), length, 2)
-        for key in ("cls_index", "start_positions", "end_positions", "index"):
+        for key in ("cls_index", "start_positions", "end_positions"):
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] for f in features])
         return batch
@@ -210,68 +223,81 @@ class QuestionAnswering(Task):
         return (start + end) / 2
 
     # --- evaluation ----------------------------------------------------------------------------
-    def metrics(self, split: str) -> MetricCollection:
-        if split == "train":  # EM/F1 of dropout-noisy training windows would cost, and say little
+    def metrics(self, split: str, context: Optional[SplitContext]) -> MetricCollection:
+        # EM/F1 of dropout-noisy training windows would cost, and say little; predict has no answers
+        if split in ("train", "predict"):
             return MetricCollection({})
-        return MetricCollection({"squad": SquadMetric(self, split)}, compute_groups=False)
+        return MetricCollection({"squad": SquadMetric(context, self.decoding)}, compute_groups=False)
 
-    def evaluates(self, split: str, epoch: int) -> bool:
+    def computes_metrics(self, split: str, fit_epoch: Optional[int]) -> bool:
         return split != "train"
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any, tokenizer: Any) -> None:
         metrics.update(outputs.start_logits, outputs.end_logits, batch["offset_mapping"], batch["cls_index"],
                        batch["index"])
 
     # --- prediction ----------------------------------------------------------------------------
-    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
         outputs = self.forward(model, batch)
         scores, starts, ends, null = best_spans(outputs.start_logits, outputs.end_logits, batch["offset_mapping"],
                                                 batch["cls_index"], self.n_best, self.max_answer_length, self.n_best)
         return [{"candidates": [[sc, s, e] for sc, s, e in zip(*row) if sc != float("-inf")], "null_score": n}
                 for *row, n in zip(scores.tolist(), starts.tolist(), ends.tolist(), null.tolist())]
 
-    def merge_predictions(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        kept = self.kept["predict"]
+    def merge_predictions(self, rows: list[dict[str, Any]], context: SplitContext) -> list[dict[str, Any]]:
+        windows = collections.defaultdict(list)
+        for row in rows:
+            windows[row["index"]].append((row["candidates"], row["null_score"]))
         merged = []
-        for index, windows in itertools.groupby(rows, key=lambda row: row["index"]):
-            windows = list(windows)
-            spans: dict[tuple[int, int], float] = {}  # overlapping windows find the same span: keep its best
-            for score, start, end in (c for w in windows for c in w["candidates"]):
-                spans[start, end] = max(score, spans.get((start, end), score))
-            ranked = sorted(((score, span) for span, score in spans.items()), key=lambda c: (-c[0], c[1]))
-            null = min(w["null_score"] for w in windows)
-            context = kept["context"][index]
-            if self._is_null(ranked[0][0] if ranked else float("-inf"), null):
-                row = {"id": kept["id"][index], "answer": "", "score": round(null, 4), "start": None}
-            else:
-                score, (start, end) = ranked[0]
-                row = {"id": kept["id"][index], "answer": context[start:end], "score": round(score, 4), "start": start}
+        for index, answer in best_answers(windows, context.contexts, self.decoding).items():
+            row = {"id": context.ids[index], "answer": answer.text, "score": round(answer.score, 4),
+                   "start": answer.start}
             if self.output_n_best:
-                n_best = [(score, context[s:e], s) for score, (s, e) in ranked]
-                if self.version_2_with_negative:
-                    n_best.append((null, "", None))
-                row["n_best"] = [{"answer": a, "score": round(sc, 4), "start": s}
-                                 for sc, a, s in sorted(n_best, key=lambda c: -c[0])[: self.n_best]]
+                row["n_best"] = [{"answer": text, "score": round(score, 4), "start": start}
+                                 for score, text, start in answer.n_best]
             merged.append({**row, "index": index})
         return merged
 
-    def _is_null(self, best: float, null: float) -> bool:
-        """No answer: no valid span at all, or (SQuAD 2.0) the no-answer score wins by the threshold."""
-        if best == float("-inf"):
-            return True
-        return self.version_2_with_negative and null > best + self.null_score_diff_threshold
+
+def answer_spans(answer: dict, context: str) -> list[tuple[int, int]]:
+    """The character spans `(start, end)` of an example's answers in its context: from `answer_start`,
+    or where that is missing (None) the answer's first occurrence. ValueError, in words, for an answer
+    that is not text, not where `answer_start` says, or not in the context at all."""
+    spans = []
+    for text, start in zip(answer["text"], answer["answer_start"]):
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"an answer must be a non-empty text, got {text!r}")
+        if start is None:
+            start = context.find(text)
+            if start < 0:
+                raise ValueError(f"the answer {text!r} is not in the context")
+        elif not (isinstance(start, int) and start >= 0 and context[start : start + len(text)] == text):
+            found = context[start : start + len(text)] if isinstance(start, int) and start >= 0 else None
+            raise ValueError(f"answer_start {start!r} does not point at the answer {text!r} in the context "
+                             f"(the context has {found!r} there)")
+        spans.append((start, start + len(text)))
+    return spans
 
 
-def _label(offsets: list[list[int]], answer: dict, context: str, cls: int) -> tuple[int, int]:
-    """Start and end token of the (first) answer in a window that holds all of it; else the CLS token."""
-    if not answer["text"]:
-        return cls, cls
-    start = answer["answer_start"][0]
-    end = start + len(answer["text"][0])
-    while start < end and context[start].isspace():  # a span of tokens cannot start or end on a space
+def _first_span(answer: dict, context: str) -> Optional[tuple[int, int]]:
+    """The span training labels: the first answer's, without the spaces around it (a span of tokens
+    cannot start or end on one); None for no answer."""
+    spans = answer_spans(answer, context)
+    if not spans:
+        return None
+    start, end = spans[0]
+    while start < end and context[start].isspace():
         start += 1
     while end > start and context[end - 1].isspace():
         end -= 1
+    return start, end
+
+
+def _label(offsets: list[list[int]], span: Optional[tuple[int, int]], cls: int) -> tuple[int, int]:
+    """Start and end token of the answer's character span in a window that holds all of it; else the CLS token."""
+    if span is None:
+        return cls, cls
+    start, end = span
     tokens = [i for i, o in enumerate(offsets) if o != NO_CONTEXT]
     if not tokens or offsets[tokens[0]][0] > start or offsets[tokens[-1]][1] < end:
         return cls, cls
@@ -305,60 +331,84 @@ def best_spans(
     return scores, start_char.masked_fill(invalid, -1), end_char.masked_fill(invalid, -1), null
 
 
+# --- windows -> answers: the one post-processing, shared by the metric and prediction ----------------
+Candidate = tuple[float, int, int]  # a span: (score, start char, end char)
+Window = tuple[Sequence[Candidate], float]  # a window's valid spans and its no-answer score
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str  # "" for no answer
+    start: Optional[int]  # character offset into the context; None for no answer
+    score: float  # the span's, or the no-answer score
+    n_best: list[tuple[float, str, Optional[int]]]  # (score, text, start), best first; under SQuAD 2.0 with ""
+
+
+def best_answers(windows: dict[int, list[Window]], contexts: Sequence[str], decoding: Decoding) -> dict[int, Answer]:
+    """Each example's answer from its windows ({example index: windows}), as HF's reference: the best span
+    over all windows (a span several windows find counts with its best score; ties go to the earliest
+    span, so the order of windows does not matter) and the smallest no-answer score. No answer when no
+    window has a valid span or, under SQuAD 2.0, when the no-answer score beats the best span by more
+    than `null_score_diff_threshold`. A window seen twice changes nothing."""
+    answers = {}
+    for example, its_windows in windows.items():
+        spans: dict[tuple[int, int], float] = {}
+        for candidates, _ in its_windows:
+            for score, start, end in candidates:
+                spans[start, end] = max(score, spans.get((start, end), score))
+        ranked = sorted(spans.items(), key=lambda span: (-span[1], span[0]))
+        null = min(null_score for _, null_score in its_windows)
+        context = contexts[example]
+        n_best = [(score, context[s:e], s) for (s, e), score in ranked]
+        if decoding.version_2_with_negative:
+            n_best.append((null, "", None))  # (a stable sort: after the spans of equal score)
+        n_best = sorted(n_best, key=lambda c: -c[0])[: decoding.n_best]
+        if not ranked or (decoding.version_2_with_negative
+                          and null > ranked[0][1] + decoding.null_score_diff_threshold):
+            answers[example] = Answer("", None, null, n_best)
+        else:
+            (start, end), score = ranked[0]
+            answers[example] = Answer(context[start:end], start, score, n_best)
+    return answers
+
+
+STATES = ("index", "score", "start", "end", "null")  # of `SquadMetric`, one value per window
+
+
 class SquadMetric(Metric):
     """EM and F1 (0-100) of the official SQuAD v1.1/v2.0 script, over whole examples.
 
     `update` keeps, per window, its best span and its no-answer score (tensors, concatenated across
-    processes). `compute` takes per example the best span over its windows and the smallest
-    no-answer score (as HF's reference); a window seen twice (a distributed sampler pads with repeats)
-    changes neither, and each example counts once.
+    processes); `compute` turns them into answers with `best_answers`, so a window seen twice (a
+    distributed sampler pads with repeats) changes nothing and each example counts once.
     """
 
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, task: QuestionAnswering, split: str) -> None:
+    def __init__(self, context: SplitContext, decoding: Decoding) -> None:
         super().__init__()
-        self.settings = {k: getattr(task, k) for k in ("n_best", "max_answer_length", "version_2_with_negative",
-                                                        "null_score_diff_threshold")}
-        self.kept, self.split = task.kept, split  # the split's examples, looked up at compute time
-        for name in ("index", "score", "start", "end", "null"):
+        self.context, self.decoding = context, decoding
+        for name in STATES:
             self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, start_logits: torch.Tensor, end_logits: torch.Tensor, offsets: torch.Tensor,
                cls_index: torch.Tensor, index: torch.Tensor) -> None:
         scores, starts, ends, null = best_spans(start_logits, end_logits, offsets, cls_index,
-                                                self.settings["n_best"], self.settings["max_answer_length"], 1)
-        for name, value in zip(("index", "score", "start", "end", "null"), (index, scores[:, 0], starts[:, 0],
-                                                                            ends[:, 0], null)):
+                                                self.decoding.n_best, self.decoding.max_answer_length, 1)
+        for name, value in zip(STATES, (index, scores[:, 0], starts[:, 0], ends[:, 0], null)):
             getattr(self, name).append(value)
 
     def compute(self) -> dict[str, torch.Tensor]:
         if isinstance(self.index, list) and not self.index:  # (after a sync the states are tensors)
             return {"exact_match": torch.tensor(0.0, dtype=torch.float64), "f1": torch.tensor(0.0, dtype=torch.float64)}
-        index, score, start, end, null = (dim_zero_cat(getattr(self, n)).cpu()
-                                          for n in ("index", "score", "start", "end", "null"))
-        # Best window per example, ties broken by position so the order of windows does not matter.
-        order = torch.argsort(end, stable=True)
-        for key, descending in ((start, False), (score, True), (index, False)):
-            order = order[torch.argsort(key[order], stable=True, descending=descending)]
-        first = torch.ones(len(order), dtype=torch.bool)
-        first[1:] = index[order][1:] != index[order][:-1]
-        best = order[first]
-        examples, inverse = torch.unique(index, return_inverse=True)  # ascending, as `best`
-        null = torch.full((len(examples),), float("inf")).scatter_reduce(0, inverse, null, "amin")
-        kept = self.kept.get(self.split)
-        if kept is None or kept["answers"] is None:
-            raise RuntimeError(f"no {self.split} examples kept: the task's prepare() did not see this split")
-        predictions, golds = [], []
-        for example, row, null_score in zip(examples.tolist(), best.tolist(), null.tolist()):
-            s, e, sc = int(start[row]), int(end[row]), float(score[row])
-            thr = self.settings["null_score_diff_threshold"]
-            is_null = sc == float("-inf") or (self.settings["version_2_with_negative"] and null_score > sc + thr)
-            predictions.append("" if is_null else kept["context"][example][s:e])
-            golds.append(kept["answers"][example])
-        scores = squad_scores(predictions, golds)
-        if not self.settings["version_2_with_negative"]:
+        windows = collections.defaultdict(list)
+        for example, score, start, end, null in zip(*(dim_zero_cat(getattr(self, n)).tolist() for n in STATES)):
+            windows[example].append(([(score, start, end)] if score != float("-inf") else [], null))
+        answers = best_answers(windows, self.context.contexts, self.decoding)
+        examples = sorted(answers)  # one order of summing, however the windows were spread over processes
+        scores = squad_scores([answers[i].text for i in examples], [self.context.answers[i] for i in examples])
+        if not self.decoding.version_2_with_negative:
             scores = {k: scores[k] for k in ("exact_match", "f1")}
         return {k: torch.tensor(v, dtype=torch.float64) for k, v in scores.items()}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torchmetrics import Metric
@@ -46,13 +46,12 @@ class Rouge(Metric):
         return {key: value.float() for key, value in zip(ROUGE_KEYS, means)}
 
 
+@dataclass(frozen=True)
 class Summarization(GenerationTask):
-    """Args: as `GenerationTask` (see finetune/generation.py); columns default to document/summary."""
+    """Options: as `GenerationTask` (see finetune/generation.py); columns default to document/summary."""
 
-    name = "summarization"
-
-    def __init__(self, source_column: str = "document", target_column: str = "summary", **kwargs: Any) -> None:
-        super().__init__(source_column=source_column, target_column=target_column, **kwargs)
+    source_column: str = "document"
+    target_column: str = "summary"
 
     def text_metrics(self) -> dict[str, Metric]:
         return {"rouge": Rouge()}

@@ -6,71 +6,79 @@ Rows are flat (`source`, `target` columns) or in the Hugging Face nested format
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import sacrebleu
 import torch
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from finetune.generation import GenerationTask
+from finetune.task import Column
 
 
 class SacreBLEU(Metric):
-    """A corpus-level sacrebleu metric (BLEU, chrF) whose sufficient statistics are metric states:
-    they add up across batches and processes, and the score equals sacrebleu's on the whole corpus."""
+    """A corpus-level sacrebleu metric (BLEU, chrF), exactly sacrebleu's score on the whole split. The
+    texts are metric states (UTF-8 bytes), gathered across processes, and scored once by `corpus_score`:
+    corpus scores are not means of per-batch scores."""
 
     full_state_update = False
 
     def __init__(self, metric: sacrebleu.metrics.base.Metric) -> None:
         super().__init__()
         self.metric = metric
-        size = len(metric._extract_corpus_statistics(["a"], [["a"]])[0])
-        self.add_state("stats", torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        for name in ("predictions", "prediction_lengths", "references", "reference_lengths"):
+            self.add_state(name, default=[], dist_reduce_fx="cat")
 
     def update(self, predictions: list[str], references: list[str]) -> None:
-        segments = self.metric._extract_corpus_statistics(predictions, [references])
-        self.stats += torch.tensor(segments, dtype=torch.float64, device=self.stats.device).sum(0)
+        for texts, name in ((predictions, "predictions"), (references, "references")):
+            encoded = [text.encode("utf-8") for text in texts]
+            getattr(self, name).append(torch.tensor(list(b"".join(encoded)), dtype=torch.uint8, device=self.device))
+            getattr(self, f"{name[:-1]}_lengths").append(torch.tensor([len(e) for e in encoded], device=self.device))
+
+    def texts(self, name: str) -> list[str]:
+        data = bytes(dim_zero_cat(getattr(self, name)).cpu().tolist())
+        ends = dim_zero_cat(getattr(self, f"{name[:-1]}_lengths")).cumsum(0).tolist()
+        return [data[start:end].decode("utf-8") for start, end in zip([0, *ends], ends)]
 
     def compute(self) -> torch.Tensor:
-        stats = [int(s) for s in self.stats.round().tolist()]  # counts: integers by construction
-        return torch.tensor(self.metric._compute_score_from_stats(stats).score, dtype=torch.float64)
+        if isinstance(self.predictions, list) and not self.predictions:  # (after a sync the states are tensors)
+            return torch.tensor(0.0, dtype=torch.float64)
+        score = self.metric.corpus_score(self.texts("predictions"), [self.texts("references")]).score
+        return torch.tensor(score, dtype=torch.float64)
 
 
+@dataclass(frozen=True)
 class Translation(GenerationTask):
-    """Args: as `GenerationTask` (see finetune/generation.py), plus
+    """Options: as `GenerationTask` (see finetune/generation.py), plus
     source_lang / target_lang: read `translation_column` rows of the form {lang: text}.
     """
 
-    name = "translation"
+    source_lang: Optional[str] = None
+    target_lang: Optional[str] = None
+    translation_column: str = "translation"
 
-    def __init__(
-        self,
-        source_lang: Optional[str] = None,
-        target_lang: Optional[str] = None,
-        translation_column: str = "translation",
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.source_lang = source_lang
-        self.target_lang = target_lang
-        self.translation_column = translation_column
-        self.nested = source_lang is not None and target_lang is not None
 
-    def input_columns(self) -> dict[str, str]:
-        return {"translation_column": self.translation_column} if self.nested else super().input_columns()
+    @property
+    def nested(self) -> bool:
+        return self.source_lang is not None and self.target_lang is not None
 
-    def target_columns(self) -> dict[str, str]:
-        return {} if self.nested else super().target_columns()
+    def columns(self) -> list[Column]:
+        if not self.nested:
+            return super().columns()
+        return [Column("translation_column", field=self.source_lang),
+                Column("translation_column", target=True, field=self.target_lang)]
 
-    def sources(self, examples: dict[str, list]) -> list[str]:
+    def source_texts(self, examples: dict[str, list]) -> list[str]:
         if self.nested:
-            return [pair.get(self.source_lang) for pair in examples[self.translation_column]]
-        return super().sources(examples)
+            return [pair[self.source_lang] for pair in examples[self.translation_column]]
+        return super().source_texts(examples)
 
-    def targets(self, examples: dict[str, list]) -> list[str]:
+    def target_texts(self, examples: dict[str, list]) -> list[str]:
         if self.nested:
-            return [pair.get(self.target_lang) for pair in examples[self.translation_column]]
-        return super().targets(examples)
+            return [pair[self.target_lang] for pair in examples[self.translation_column]]
+        return super().target_texts(examples)
 
     def text_metrics(self) -> dict[str, Metric]:
         return {"bleu": SacreBLEU(sacrebleu.BLEU(tokenize="13a")), "chrf": SacreBLEU(sacrebleu.CHRF())}

@@ -1,12 +1,15 @@
 """The conformance kit (`finetune.testing`): every built-in task passes it, and it catches broken tasks
 with a message that names the hook."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from test_question_answering import code_rows
 from torchmetrics import Metric, MetricCollection
 
 from conftest import make_rows, reversal_rows
+from finetune.task import Task
 from finetune.testing import ConformanceError, check_task, tiny_backbone
 from tasks.classification import TextClassification
 from tasks.question_answering import QuestionAnswering
@@ -54,15 +57,25 @@ def test_tiny_backbones_tokenize_sentence_pairs_and_append_eos(tmp_path):
 
 
 # --- broken tasks are caught, naming the hook -------------------------------------------------------
-class ForgetsItsCutoff(TextClassification):
-    def __init__(self, cutoff: float = 0.5, **kwargs):
-        super().__init__(**kwargs)  # `cutoff` is not kept: a checkpoint could not restore it
+class NotADataclass(Task):
+    def __init__(self, cutoff: float = 0.5):
+        self.cutoff = cutoff  # options as attributes: nothing declares them, nothing stops state piling up
 
 
+@dataclass
+class KeepsState(Task):
+    """Not frozen: hooks could stash state on it (as QA once kept its contexts). (A subclass of a frozen
+    task cannot be anything but frozen: Python refuses to define it.)"""
+
+    cutoff: float = 0.5
+
+
+@dataclass(frozen=True)
 class ChangesItsArgument(TextClassification):
-    def __init__(self, prefix: str = "", **kwargs):
-        super().__init__(**kwargs)
-        self.prefix = prefix + ": "  # rebuilt from its config, the task would add it again
+    prefix: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "prefix", self.prefix + ": ")  # rebuilt from its options, it adds it again
 
 
 class CountsOutsideState(Metric):
@@ -81,15 +94,15 @@ class CountsOutsideState(Metric):
 
 
 class MetricNotReset(TextClassification):
-    def metrics(self, split):
+    def metrics(self, split, context):
         return MetricCollection({"seen": CountsOutsideState()})
 
-    def update_metrics(self, metrics, outputs, batch, model):
+    def update_metrics(self, metrics, outputs, batch, model, tokenizer):
         metrics["seen"].update(outputs.logits)
 
 
 class PredictsTensors(TextClassification):
-    def predict(self, model, batch):
+    def predict(self, model, batch, tokenizer):
         logits = self.forward(model, batch).logits
         return [{"logits": row} for row in logits]
 
@@ -108,7 +121,8 @@ class UnusedHead(TextClassification):
 
 
 @pytest.mark.parametrize("task, message", [
-    (ForgetsItsCutoff(), r"Task.config: .* ForgetsItsCutoff does not keep its constructor arguments \['cutoff'\]"),
+    (NotADataclass(), r"Task.config: NotADataclass must be a @dataclass\(frozen=True\)"),
+    (KeepsState(), r"Task.config: KeepsState must be a @dataclass\(frozen=True\)"),
     (ChangesItsArgument(), r"Task.config: does not rebuild an equal task"),
     (MetricNotReset(), r"Task.metrics: metric 'seen' is .* after reset .* declare all state with `add_state`"),
     (PredictsTensors(), r"Task.predict: row .* is not JSON-serialisable"),

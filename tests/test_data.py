@@ -64,7 +64,7 @@ def test_multi_label_rows_become_multi_hot_targets(tiny_bert, tmp_path):
     rows = [{"text": "a b", "tags": ["x", "z"]}, {"text": "c", "tags": []}, {"text": "d e f", "tags": ["y"]}]
     task = TextClassification(label_column="tags", multi_label=True)
     data = prepared(tiny_bert, task, train_file=write_jsonl(tmp_path / "t.jsonl", rows))
-    assert task.labels == ["x", "y", "z"]
+    assert data.trainer.lightning_module.task.labels == ["x", "y", "z"]
     assert data.features["train"]["labels"] == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     batch = first_batch(data)
     assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (3, 3)
@@ -115,15 +115,31 @@ def test_training_order_is_shuffled_differently_each_epoch_and_reproducibly():
 
 # --- bad input: each stops early with one message naming the key/file and what was expected ---
 
+def reader(**files) -> DataModule:
+    data = DataModule(**files)
+    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(task=TextClassification()))
+    return data
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(InputError, match=r"data.val_file: file '.*nope.jsonl' does not exist"):
-        DataModule(val_file=str(tmp_path / "nope.jsonl"))
+        reader(val_file=str(tmp_path / "nope.jsonl")).read("val")
 
 
-def test_unsupported_extension_is_named(tmp_path):
+def test_unsupported_extension_or_a_directory_is_named(tmp_path):
     (tmp_path / "t.txt").write_text("x")
     with pytest.raises(ValueError, match=r"data.train_file: '.*t.txt' has an unsupported extension; expected one of"):
-        DataModule(train_file=str(tmp_path / "t.txt"))
+        reader(train_file=str(tmp_path / "t.txt")).read("train")
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(InputError, match=r"data.train_file: '.*dir.jsonl' is a directory; expected a file"):
+        reader(train_file=str(tmp_path / "dir.jsonl")).read("train")
+
+
+def test_a_stage_reads_only_its_own_files(tmp_path):
+    """`test` with a config whose train_file does not exist here (issue: it used to demand it)."""
+    test = write_jsonl(tmp_path / "test.jsonl", make_rows(3))
+    data = reader(train_file=str(tmp_path / "train.jsonl"), test_file=test)
+    assert len(data.read("test")) == 3
 
 
 def test_unknown_column_names_the_key_and_suggests(tiny_bert, tmp_path):

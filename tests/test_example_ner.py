@@ -17,6 +17,7 @@ import torch
 
 from conftest import MINILM, REPO
 from finetune.errors import InputError
+from finetune.task import Column
 
 EXAMPLE = REPO / "examples" / "ner"
 sys.path.insert(0, str(EXAMPLE))
@@ -31,6 +32,15 @@ def tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(MINILM)
+
+
+def checked(task: TokenClassification, split: str, rows: list[dict], where: str) -> TokenClassification:
+    """The core's order: the label set learned from train, then the rows checked."""
+    dataset = datasets.Dataset.from_list(rows)
+    if split == "train":
+        task = task.with_options(**task.learn(dataset))
+    task.check_rows(split, dataset, where)
+    return task
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -64,7 +74,7 @@ def test_word_tags_are_read_back_at_first_sub_tokens_after_collate(tokenizer, la
     task = TokenClassification(labels=LABELS, label_all_subtokens=label_all_subtokens)
     examples = {"tokens": [WORDS, ["Paris"]], "tags": [WORD_TAGS, ["B-LOC"]]}
     features = task.preprocess(examples, tokenizer, with_targets=True)
-    rows = [{key: values[i] for key, values in features.items()} | {"index": i} for i in range(2)]
+    rows = [{key: values[i] for key, values in features.items()} for i in range(2)]
     batch = task.collate(rows, tokenizer)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["word_ids"].shape == (2, 8)
     assert batch["labels"][1, 3:].tolist() == [-100] * 5 and batch["word_ids"][1, 3:].tolist() == [-1] * 5
@@ -75,7 +85,7 @@ def test_word_tags_are_read_back_at_first_sub_tokens_after_collate(tokenizer, la
 def test_integer_tags_index_the_given_labels(tokenizer):
     task = TokenClassification(labels=LABELS)
     ids = [TAGS[t] for t in WORD_TAGS]
-    task.prepare("train", datasets.Dataset.from_list([{"tokens": WORDS, "tags": ids}]), "data.train_file (t.jsonl)")
+    checked(task, "train", [{"tokens": WORDS, "tags": ids}], "data.train_file (t.jsonl)")
     as_ids = task.preprocess({"tokens": [WORDS], "tags": [ids]}, tokenizer, with_targets=True)
     as_names = task.preprocess({"tokens": [WORDS], "tags": [WORD_TAGS]}, tokenizer, with_targets=True)
     assert as_ids["labels"] == as_names["labels"]
@@ -85,27 +95,49 @@ def test_the_label_set_is_learned_from_train_o_first_then_sorted_with_b_and_i_of
     task = TokenClassification()
     rows = [{"tokens": ["Zed", "at", "Acme"], "tags": ["B-PER", "O", "B-ORG"]},
             {"tokens": ["Oslo", "Fjord"], "tags": ["B-LOC", "I-LOC"]}]
-    task.prepare("train", datasets.Dataset.from_list(rows), "data.train_file (t.jsonl)")
+    task = checked(task, "train", rows, "data.train_file (t.jsonl)")
     assert task.labels == LABELS  # I-ORG and I-PER too, though training only shows B-
     assert task.model_kwargs()["id2label"] == dict(enumerate(LABELS))
     assert task.config()["init_args"]["labels"] == LABELS  # so checkpoints restore it
+    assert task.learn(datasets.Dataset.from_list(rows)) == {}  # a given label set is kept
+
+
+def predicted(task: TokenClassification, tokenizer, sentences: list[list[str]], wanted: list[list[str]]) -> list:
+    """Predictions for `sentences` by a model whose logits pick the `wanted` tag of each word's tokens,
+    through the hooks in the core's order."""
+    rows = [{"tokens": words} for words in sentences]
+    checked(task, "predict", rows, "data.predict_file (p.jsonl)")
+    context = task.split_context("predict", datasets.Dataset.from_list(rows))
+    features = task.preprocess({"tokens": sentences}, tokenizer, with_targets=False)
+    batch = task.collate([{k: v[i] for k, v in features.items()} for i in range(len(sentences))], tokenizer)
+    token_tags = [[TAGS[tags[w]] if w >= 0 else 0 for w in word_ids]
+                  for tags, word_ids in zip(wanted, batch["word_ids"].tolist())]
+    logits = torch.nn.functional.one_hot(torch.tensor(token_tags), len(LABELS)).float()
+    predictions = task.predict(lambda **inputs: type("Out", (), {"logits": logits}), batch, tokenizer)
+    assert all(p.keys() == {"tags"} for p in predictions)  # the entities need the words: merge_predictions
+    return task.merge_predictions([{**p, "index": i} for i, p in enumerate(predictions)], context)
 
 
 def test_predicted_entities_carry_character_spans_of_the_joined_words(tokenizer):
     task = TokenClassification(labels=LABELS)
     words = ["Ada", "Lovelace", "left", "Lake", "Victoria", "."]
-    task.prepare("predict", datasets.Dataset.from_list([{"tokens": words}]), "data.predict_file (p.jsonl)")
-    features = task.preprocess({"tokens": [words]}, tokenizer, with_targets=False)
-    batch = task.collate([{**{k: v[0] for k, v in features.items()}, "index": 0}], tokenizer)
     wanted = ["B-PER", "I-PER", "O", "B-LOC", "I-LOC", "O"]
-    token_tags = [TAGS[wanted[w]] if w >= 0 else 0 for w in batch["word_ids"][0].tolist()]
-    logits = torch.nn.functional.one_hot(torch.tensor([token_tags]), len(LABELS)).float()
-    (row,) = task.predict(lambda **inputs: type("Out", (), {"logits": logits}), batch)
-    assert row["tags"] == wanted
+    (row,) = predicted(task, tokenizer, [words], [wanted])
+    assert row["tags"] == wanted and row["index"] == 0
     assert row["entities"] == [{"text": "Ada Lovelace", "type": "PER", "start": 0, "end": 12},
                                {"text": "Lake Victoria", "type": "LOC", "start": 18, "end": 31}]
     text = " ".join(words)
     assert [text[e["start"]:e["end"]] for e in row["entities"]] == ["Ada Lovelace", "Lake Victoria"]
+
+
+def test_words_truncated_away_are_predicted_o_and_sentences_keep_their_index(tokenizer):
+    task = TokenClassification(labels=LABELS, max_length=4)  # [CLS] ada lovelace [SEP]
+    sentences = [["Paris"], ["Ada", "Lovelace", "left", "Lake", "Victoria"]]
+    wanted = [["B-LOC"], ["B-PER", "I-PER", "B-LOC", "B-LOC", "B-LOC"]]
+    rows = predicted(task, tokenizer, sentences, wanted)
+    assert [row["index"] for row in rows] == [0, 1]
+    assert rows[1]["tags"] == ["B-PER", "I-PER", "O", "O", "O"]
+    assert [e["text"] for row in rows for e in row["entities"]] == ["Paris", "Ada Lovelace"]
 
 
 # --- entities and scores: strict IOB2, as seqeval's mode="strict" ---------------------------------------
@@ -177,15 +209,17 @@ def test_nothing_predicted_or_expected_scores_zero_not_nan():
     ("val", [{"tokens": ["a"], "tags": ["B-PER"]}, {"tokens": ["b"], "tags": ["B-MISC"]}], LABELS,
      r"row 2: column 'tags': tag 'B-MISC' is not in the label set"),
     ("val", [{"tokens": ["a"], "tags": [7]}], LABELS, r"row 1: column 'tags': tag 7 is not an index of the label set"),
-    ("train", [{"tokens": ["a"], "tags": [0]}], None, r"column 'tags' holds integers; name the tags .*labels"),
+    ("train", [{"tokens": ["a"], "tags": [0]}], None,
+     r"data.train_file \(x.jsonl\): column 'tags' holds integers; name the tags .*labels"),
     ("train", [{"tokens": ["a"], "tags": ["O"]}], None, r"column 'tags' tags no entity"),
     ("val", [{"tokens": ["a"], "tags": ["O"]}], None, r"model.task.init_args.labels: no label set"),
+    ("predict", [{"tokens": ["a"]}], None, r"model.task.init_args.labels: no label set"),
 ])
 def test_bad_rows_are_input_errors_naming_source_and_row(split, rows, labels, message):
     task = TokenClassification(labels=labels)
-    source = {"train": "data.train_file (x.jsonl)", "val": "data.val_file (x.jsonl)"}[split]
+    source = f"data.{split}_file (x.jsonl)"
     with pytest.raises(InputError, match=message):
-        task.prepare(split, datasets.Dataset.from_list(rows), source)
+        checked(task, split, rows, source)
 
 
 def test_invalid_labels_and_a_slow_tokenizer_are_input_errors():
@@ -193,7 +227,13 @@ def test_invalid_labels_and_a_slow_tokenizer_are_input_errors():
         TokenClassification(labels=["O", "PER"])
     slow = type("SlowTokenizer", (), {"is_fast": False})()
     with pytest.raises(InputError, match=r"model.backbone: token classification needs a fast tokenizer"):
-        TokenClassification().configure_backbone(None, slow)
+        TokenClassification().backbone_options(None, slow)
+    assert TokenClassification().backbone_options(None, type("Fast", (), {"is_fast": True})()) == {}
+
+
+def test_the_core_checks_the_tokens_as_words_and_reads_the_tags_only_with_targets():
+    assert TokenClassification().columns() == [Column("tokens_column", "words"),
+                                               Column("tags_column", "label", target=True)]
 
 
 # --- the conformance kit ---------------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def test_nested_translation_format_gives_the_same_features(tiny_t5):
     nested = [{"translation": {"en": r["source"], "xx": r["target"]}} for r in flat]
     a = module_for(tiny_t5)
     b = module_for(tiny_t5, source_lang="en", target_lang="xx")
-    assert b.task.input_columns() == {"translation_column": "translation"}
+    assert [(c.option, c.field, c.target) for c in b.task.columns()] == [("translation_column", "en", False),
+                                                                        ("translation_column", "xx", True)]
     for key in ("input_ids", "labels"):
         torch.testing.assert_close(batch_of(a, flat)[key], batch_of(b, nested)[key])
 
@@ -221,8 +222,8 @@ def test_default_lora_targets_per_family(tiny_t5, tiny_gpt2, tmp_path):
 
 @pytest.mark.parametrize("rows, source, message", [
     ([{"source": "a", "tgt": "b"}], "t", r"has no column 'target' \(model.task.init_args.target_column\)"),
-    ([{"source": "a", "target": "b"}, {"source": "c", "target": "  "}], "t", r"row 2: the target text is empty"),
-    ([{"source": "a", "target": None}], "t", r"row 1: the target text is empty or not a string"),
+    ([{"source": "a", "target": "b"}, {"source": "c", "target": "  "}], "t", r"row 2: column 'target' holds only"),
+    ([{"source": "a", "target": None}], "t", r"row 1: column 'target' is missing or null"),
 ])
 def test_bad_generation_inputs_are_named(tiny_t5, tmp_path, rows, source, message):
     train = write_jsonl(tmp_path / "t.jsonl", rows)
@@ -236,7 +237,7 @@ def test_bad_generation_inputs_are_named(tiny_t5, tmp_path, rows, source, messag
 
 def test_nested_rows_missing_the_language_are_named(tiny_t5, tmp_path):
     train = write_jsonl(tmp_path / "t.jsonl", [{"translation": {"en": "a", "fr": "b"}}])
-    with pytest.raises(InputError, match=r"row 1: the target text is empty or not a string \(None\)"):
+    with pytest.raises(InputError, match=r"row 1: column 'translation' has no key 'de' \(it has 'en', 'fr'\)"):
         run(["fit", f"--model.backbone={tiny_t5}", "--model.task=Translation", "--model.task.source_lang=en",
              "--model.task.target_lang=de", f"--data.train_file={train}", f"--trainer.default_root_dir={tmp_path}"])
 

@@ -2,6 +2,7 @@
 
 import collections
 import csv
+import dataclasses
 import json
 import random
 import re
@@ -9,30 +10,26 @@ import string
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from conftest import SHARED, write_jsonl
 from finetune.cli import main, run
-from finetune.data import DataModule
 from finetune.errors import InputError
-from finetune.module import FineTuneModule
-from tasks.question_answering import QuestionAnswering
+from tasks.question_answering import (
+    Answer,
+    Decoding,
+    QuestionAnswering,
+    SplitContext,
+    answer_spans,
+    best_answers,
+)
 
 SQUAD = SHARED / "data" / "squad" / "dev_sample_v2.jsonl"
 needs_squad = pytest.mark.skipif(not SQUAD.is_file(), reason="../shared/data/squad is not here")
-
-
-def prepared(backbone, task, stages=("validate",), tokenizer=None, **files) -> DataModule:
-    """A data module set up against a module, as the Trainer does it (read, prepare, map)."""
-    data = DataModule(**files, batch_size=16)
-    module = FineTuneModule(backbone, task)
-    module.tokenizer = tokenizer or module.tokenizer
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1)
-    for stage in [stages] if isinstance(stages, str) else stages:
-        data.setup(stage)
-    return data
+WHERE = "data.val_file (v.jsonl)"  # how the core names a split's file in messages
 
 
 def squad_rows(n=None) -> list[dict]:
@@ -46,6 +43,27 @@ def row(id_, context, answer=None, start=None, question="what?") -> dict:
     if answer is not None:
         answers = {"text": [answer], "answer_start": [context.index(answer) if start is None else start]}
     return {"id": id_, "question": question, "context": context, "answers": answers}
+
+
+def without_starts(r: dict) -> dict:
+    """The row with its answers' `answer_start` missing (null), as some real datasets have them."""
+    return {**r, "answers": {**r["answers"], "answer_start": [None] * len(r["answers"]["text"])}}
+
+
+def dataset(rows: list[dict]) -> datasets.Dataset:
+    """Raw rows as the core hands them to `check_rows` and `split_context`."""
+    return datasets.Dataset.from_list([{k: r[k] for k in ("id", "question", "context", "answers")} for r in rows])
+
+
+def batches(task, rows, tokenizer, with_targets=True, size=16, seed=0) -> list[dict]:
+    """The rows' windows batched as the core does it (preprocess, each window's example `index`, collate),
+    in a shuffled order: nothing may depend on it."""
+    feats = task.preprocess({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, with_targets)
+    index = feats.pop("overflow_to_sample_mapping")
+    feats = [(dict(zip(feats, values)), i) for values, i in zip(zip(*feats.values()), index)]
+    random.Random(seed).shuffle(feats)
+    return [{**task.collate([f for f, _ in chunk], tokenizer), "index": torch.tensor([i for _, i in chunk])}
+            for chunk in (feats[i : i + size] for i in range(0, len(feats), size))]
 
 
 def oracle_logits(batch, raw: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,46 +91,65 @@ class FakeModel:
         return SimpleNamespace(start_logits=self.start, end_logits=self.end)
 
 
-def run_oracle(data: DataModule, task: QuestionAnswering, raw: list[dict]):
+def predicted(task, model, batch, tokenizer) -> list[dict]:
+    """`task.predict` on a batch, each row with its example `index` (as the core adds it)."""
+    return [dict(p, index=i) for p, i in zip(task.predict(model, batch, tokenizer), batch["index"].tolist())]
+
+
+def run_oracle(task: QuestionAnswering, raw: list[dict], tokenizer):
     """Oracle logits through collate -> metric (val split), and predict -> merge_predictions (predict split)."""
-    metric, model, rows = task.metrics("val"), FakeModel(), []
-    for batch in data.val_dataloader():
+    metric, model, rows = task.metrics("val", task.split_context("val", dataset(raw))), FakeModel(), []
+    for batch in batches(task, raw, tokenizer):
         start, end = oracle_logits(batch, raw)
         assert batch["start_positions"].tolist() == start.argmax(1).tolist()  # the task's own labels agree
         assert batch["end_positions"].tolist() == end.argmax(1).tolist()
         metric.update(start, end, batch["offset_mapping"], batch["cls_index"], batch["index"])
-    for batch in data.predict_dataloader():
+    for batch in batches(task, raw, tokenizer, with_targets=False):
         model.start, model.end = oracle_logits(batch, raw)
-        rows += [dict(p, index=i) for p, i in zip(task.predict(model, batch), batch["index"].tolist())]
-    merged = task.merge_predictions(sorted(rows, key=lambda r: r["index"]))
+        rows += predicted(task, model, batch, tokenizer)
+    merged = task.merge_predictions(sorted(rows, key=lambda r: r["index"]), task.split_context("predict", dataset(raw)))
     return metric, {k: v.item() for k, v in metric.compute().items()}, merged
+
+
+def test_the_task_is_its_options():
+    task = QuestionAnswering(version_2_with_negative=True, n_best=5)
+    assert QuestionAnswering(**task.config()["init_args"]) == task  # what a checkpoint restores
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.n_best = 3
+    fields = {f.name for f in dataclasses.fields(task)}
+    assert {c.option for c in task.columns()} <= fields and "name" not in fields
+    assert task.model_class(None) is AutoModelForQuestionAnswering
+    assert task.split_context("train", dataset([row("a", "x y", "y")])) is None  # training needs only features
 
 
 # --- the oracle: windowing + decoding lose nothing on real data ---------------------------------
 @needs_squad
 def test_oracle_logits_give_full_marks_on_real_squad(tiny_bert):
     raw = squad_rows()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     task = QuestionAnswering(max_length=128, doc_stride=48, version_2_with_negative=True)
-    data = prepared(tiny_bert, task, ("validate", "predict"), val_file=str(SQUAD), predict_file=str(SQUAD))
-    windows = collections.Counter(data.features["val"]["index"])
+    task.check_rows("val", dataset(raw), WHERE)
+    val = batches(task, raw, tokenizer)
+    windows = collections.Counter(i for batch in val for i in batch["index"].tolist())
     assert len(windows) == 1407 and max(windows.values()) >= 4
     assert sum(n > 1 for n in windows.values()) > 500  # many contexts need several windows
     # some windows hold only part of their answer: labelled CLS there, correctly in a neighbour
     cut = 0
-    for f in data.features["val"]:
-        answers = raw[f["index"]]["answers"]
-        if answers["text"] and f["start_positions"] == f["cls_index"]:
-            a, b = answers["answer_start"][0], answers["answer_start"][0] + len(answers["text"][0])
-            cut += any(x >= 0 and y > a and x < b for x, y in f["offset_mapping"])
+    for batch in val:
+        for offsets, index, start, cls in zip(batch["offset_mapping"].tolist(), batch["index"].tolist(),
+                                              batch["start_positions"].tolist(), batch["cls_index"].tolist()):
+            answers = raw[index]["answers"]
+            if answers["text"] and start == cls:
+                a, b = answers["answer_start"][0], answers["answer_start"][0] + len(answers["text"][0])
+                cut += any(x >= 0 and y > a and x < b for x, y in offsets)
     assert cut > 0
 
-    metric, scores, predictions = run_oracle(data, task, raw)
+    metric, scores, predictions = run_oracle(task, raw, tokenizer)
     assert scores == {"exact_match": 100.0, "f1": 100.0, "HasAns_exact": 100.0, "HasAns_f1": 100.0,
                       "NoAns_exact": 100.0, "NoAns_f1": 100.0}
     # windows seen twice (as a distributed sampler that pads by repeating would give) change nothing
-    batch = next(iter(data.val_dataloader()))
-    start, end = oracle_logits(batch, raw)
-    metric.update(start, end, batch["offset_mapping"], batch["cls_index"], batch["index"])
+    start, end = oracle_logits(val[0], raw)
+    metric.update(start, end, val[0]["offset_mapping"], val[0]["cls_index"], val[0]["index"])
     assert {k: v.item() for k, v in metric.compute().items()} == scores
 
     # the predict path decodes the same: exact gold substrings, "" for every unanswerable question
@@ -201,30 +238,29 @@ TRICKY = [  # normalisation traps next to the real rows
 
 
 @pytest.mark.parametrize("version_2", [True, False])
-def test_metric_equals_the_official_squad_evaluation(tiny_bert, tmp_path, version_2):
+def test_metric_equals_the_official_squad_evaluation(tiny_bert, version_2):
     raw = TRICKY + (squad_rows() if SQUAD.is_file() else [])
     raw = [r for r in raw if version_2 or r["answers"]["text"]]
     task = QuestionAnswering(max_length=96, doc_stride=32, version_2_with_negative=version_2)
-    data = prepared(tiny_bert, task, val_file=write_jsonl(tmp_path / "v.jsonl", raw))
     rng = random.Random(0)
     first_window = {}  # example -> (batch, row, holds the answer) of the window its prediction goes in
-    batches = list(data.val_dataloader())
-    for b, batch in enumerate(batches):
+    val = batches(task, raw, AutoTokenizer.from_pretrained(tiny_bert))
+    for b, batch in enumerate(val):
         for j, index in enumerate(batch["index"].tolist()):
             gold = batch["start_positions"][j] != batch["cls_index"][j]
             if index not in first_window or (gold and not first_window[index][2]):
                 first_window[index] = (b, j, bool(gold))
-    expected, metric = {}, task.metrics("val")
+    expected, metric = {}, task.metrics("val", task.split_context("val", dataset(raw)))
     plants = {}
     for index, (b, j, gold) in first_window.items():
-        offsets = batches[b]["offset_mapping"][j]
+        offsets = val[b]["offset_mapping"][j]
         context = [i for i in range(len(offsets)) if offsets[i][0] >= 0]
         kind = rng.choice(["gold", "perturbed", "random"] + (["none"] if version_2 else []))
         if kind == "none":
             expected[raw[index]["id"]] = ""
             continue
         if kind in ("gold", "perturbed") and gold:
-            s, e = batches[b]["start_positions"][j].item(), batches[b]["end_positions"][j].item()
+            s, e = val[b]["start_positions"][j].item(), val[b]["end_positions"][j].item()
         else:
             s = rng.choice(context)
             e = s + rng.randint(0, 6)
@@ -235,7 +271,7 @@ def test_metric_equals_the_official_squad_evaluation(tiny_bert, tmp_path, versio
         e = min(e, s + 29)
         plants[b, j] = (s, e)
         expected[raw[index]["id"]] = raw[index]["context"][offsets[s][0].item() : offsets[e][1].item()]
-    for b, batch in enumerate(batches):
+    for b, batch in enumerate(val):
         start = torch.zeros(batch["input_ids"].shape)
         end = torch.zeros(batch["input_ids"].shape)
         rows = torch.arange(len(start))
@@ -253,6 +289,57 @@ def test_metric_equals_the_official_squad_evaluation(tiny_bert, tmp_path, versio
     for key in official:
         assert ours[key] == pytest.approx(official[key], abs=1e-9), key
     assert 20 < ours["exact_match"] < 80  # a real mix of right and wrong answers
+
+
+@pytest.mark.parametrize("version_2, threshold", [(False, 0.0), (True, 0.0), (True, 2.0)])
+def test_metric_and_predict_give_the_same_answers(tiny_bert, version_2, threshold):
+    """Both decode through `best_answers`: the metric with each window's best span, predict with its
+    n best. On the same windows and logits they answer the same, whatever the order of the windows."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    raw = [r for r in TRICKY + UNICODE + code_rows(40, seed=3) if version_2 or r["answers"]["text"]]
+    task = QuestionAnswering(max_length=48, doc_stride=16, max_answer_length=6, n_best=5, output_n_best=True,
+                             version_2_with_negative=version_2, null_score_diff_threshold=threshold)
+    val = batches(task, raw, tokenizer, size=8)
+    assert any(n > 1 for n in collections.Counter(i for b in val for i in b["index"].tolist()).values())
+    generator, model, logits, rows = torch.Generator().manual_seed(0), FakeModel(), [], []
+    for batch in val:
+        model.start, model.end = (3 * torch.randn(batch["input_ids"].shape, generator=generator) for _ in "se")
+        model.start[torch.arange(len(batch["index"])), batch["cls_index"]] += 8.0  # the no-answer score competes
+        logits.append((model.start, model.end))
+        rows += predicted(task, model, batch, tokenizer)
+    merged = task.merge_predictions(sorted(rows, key=lambda r: r["index"]), task.split_context("predict", dataset(raw)))
+    answers = [p["answer"] for p in merged]
+    assert len(merged) == len(raw) and answers.count("") < len(raw) // 2
+    assert not version_2 or answers.count("") > 2
+
+    def scored(context: SplitContext) -> dict[str, float]:
+        metric = task.metrics("val", context)
+        for batch, (start, end) in [*zip(val, logits)][::-1] + [(val[0], logits[0])]:  # another order, a repeat
+            metric.update(start, end, batch["offset_mapping"], batch["cls_index"], batch["index"])
+        return {k: v.item() for k, v in metric.compute().items()}
+
+    context = task.split_context("val", dataset(raw))
+    official = official_evaluate(raw, {p["id"]: p["answer"] for p in merged})
+    scores = scored(context)
+    assert scores == pytest.approx({k: official[k] for k in scores}, abs=1e-9)
+    # and answer for answer: against predict's answers as the gold ones, the metric gets full marks
+    assert scored(dataclasses.replace(context, answers=tuple((a,) for a in answers)))["exact_match"] == 100.0
+
+
+def test_best_answers_do_not_depend_on_the_order_or_repeats_of_windows():
+    decoding = Decoding(n_best=3, max_answer_length=30, version_2_with_negative=True, null_score_diff_threshold=0.0)
+    a = ([(5.0, 2, 4), (5.0, 0, 1), (1.0, 6, 8)], 3.0)
+    b = ([(5.0, 0, 1), (2.0, 6, 8)], 4.0)  # span (0, 1) again; (6, 8) with a better score
+    for windows in ([a, b], [b, a], [b, a, b]):  # ties go to the earliest span; the smallest no-answer score
+        assert best_answers({7: windows}, {7: "abcdefghij"}, decoding) == {
+            7: Answer("a", 0, 5.0, [(5.0, "a", 0), (5.0, "cd", 2), (3.0, "", None)])}
+    # no answer: the no-answer score wins by more than the threshold, or (any version) no window has a span
+    close = {0: [([(1.0, 0, 1)], 2.5)]}
+    assert best_answers(close, ["abc"], dataclasses.replace(decoding, null_score_diff_threshold=1.0))[0].text == ""
+    assert best_answers(close, ["abc"], dataclasses.replace(decoding, null_score_diff_threshold=2.0))[0].text == "a"
+    v1 = dataclasses.replace(decoding, version_2_with_negative=False)
+    assert best_answers(close, ["abc"], v1)[0].text == "a"
+    assert best_answers({0: [([], 9.0)]}, ["abc"], v1)[0] == Answer("", None, 9.0, [])
 
 
 def test_scores_by_hand():
@@ -321,7 +408,7 @@ UNICODE = [
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_unicode_answers_map_back_to_their_exact_substring(tiny_bert, tmp_path, padding_side):
+def test_unicode_answers_map_back_to_their_exact_substring(tiny_bert, padding_side):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert, padding_side=padding_side)
     task = QuestionAnswering(max_length=32, doc_stride=8, version_2_with_negative=True)
     feats = features(task, UNICODE, tokenizer)
@@ -332,33 +419,64 @@ def test_unicode_answers_map_back_to_their_exact_substring(tiny_bert, tmp_path, 
     assert [found[i] - {None} for i in range(len(UNICODE))] == [{e} for e in expected]
     if padding_side == "left":  # context first (as HF's reference for left-padding models), still right labels
         assert feats["offset_mapping"][0][1] != [-1, -1] and feats["token_type_ids"][0][1] == 0
-    # and through the core, collate, the metric and predict
-    path = write_jsonl(tmp_path / "u.jsonl", UNICODE)
-    data = prepared(tiny_bert, task, ("validate", "predict"), tokenizer, val_file=path, predict_file=path)
-    _, scores, predictions = run_oracle(data, task, UNICODE)
+    # and through collate, the metric and predict
+    _, scores, predictions = run_oracle(task, UNICODE, tokenizer)
     assert scores["exact_match"] == pytest.approx(100 * 5 / 6)  # "Frank" comes back as "Frankish"
     assert [p["answer"] for p in predictions] == expected
 
 
-# --- bad input -----------------------------------------------------------------------------------
-def test_bad_answer_start_names_the_example(tiny_bert, tmp_path):
+# --- bad input, and answers without their offset -------------------------------------------------
+def test_bad_answer_start_names_the_example():
     rows = [row("fine", "Paris is in France.", "France"), row("off-by-one", "Paris is in France.", "France", start=11)]
-    with pytest.raises(InputError, match=r"v\.jsonl\).*id 'off-by-one'.*answer_start 11.*'France'.*' Franc'"):
-        prepared(tiny_bert, QuestionAnswering(), val_file=write_jsonl(tmp_path / "v.jsonl", rows))
-    bad = {**rows[0], "answers": {"text": ["France"], "answer_start": [12, 3]}}
+    with pytest.raises(InputError, match=r"v\.jsonl\), id 'off-by-one': answer_start 11 .*'France'.*' Franc'"):
+        QuestionAnswering().check_rows("val", dataset(rows), WHERE)
+    bad = [{**rows[0], "answers": {"text": ["France"], "answer_start": [12, 3]}}]
     with pytest.raises(InputError, match=r"id 'fine'.*equal length"):
-        prepared(tiny_bert, QuestionAnswering(), val_file=write_jsonl(tmp_path / "w.jsonl", [bad]))
+        QuestionAnswering().check_rows("test", dataset(bad), WHERE)
+    QuestionAnswering().check_rows("predict", dataset(bad), WHERE)  # predict reads no answers
+
+
+def test_a_missing_answer_start_is_located_in_the_context(tiny_bert, monkeypatch):
+    told = []
+    monkeypatch.setattr("tasks.question_answering.rank_zero_info", told.append)
+    context = "Paris is in France. France is big."
+    assert answer_spans({"text": ["France", "Paris"], "answer_start": [None, 0]}, context) == [(12, 18), (0, 5)]
+    rows = [without_starts(row("a", context, "France")), row("b", context, "big"),
+            without_starts({**row("c", context), "answers": {"text": ["is big", "France."], "answer_start": [0, 0]}})]
+    task = QuestionAnswering()
+    task.check_rows("val", dataset(rows), WHERE)
+    assert told == [f"{WHERE}: located 3 answers whose answer_start was missing "
+                    "(at the answer's first occurrence in the context)"]
+    task.check_rows("val", dataset(rows[1:2]), WHERE)
+    assert len(told) == 1  # nothing to tell
+    # training labels the located span: the first occurrence
+    feats = features(task, rows, AutoTokenizer.from_pretrained(tiny_bert))
+    for i, expected in enumerate([12, context.index("big"), context.index("is big")]):
+        assert feats["offset_mapping"][i][feats["start_positions"][i]][0] == expected
+        assert labelled_text(feats, i, context) == rows[i]["answers"]["text"][0]
+
+
+def test_an_answer_not_in_its_context_is_said_plainly():
+    rows = [row("fine", "Paris is in France.", "France"), without_starts(row("x", "Paris is in France.", "France"))]
+    rows[1]["answers"]["text"] = ["Lyon"]
+    with pytest.raises(InputError) as caught:
+        QuestionAnswering().check_rows("train", dataset(rows), WHERE)
+    assert str(caught.value) == f"{WHERE}, id 'x': the answer 'Lyon' is not in the context"
 
 
 def test_unanswerable_questions_need_version_2(tiny_bert, tmp_path, capsys):
-    path = write_jsonl(tmp_path / "t.jsonl", [row("a", "Paris is in France.", "France"), row("b", "No answer.")])
+    rows = [row("a", "Paris is in France.", "France"), row("b", "No answer.")]
+    with pytest.raises(InputError, match=r"id 'b'.*version_2_with_negative: true"):
+        QuestionAnswering().check_rows("train", dataset(rows), WHERE)
+    feats = features(QuestionAnswering(version_2_with_negative=True), rows, AutoTokenizer.from_pretrained(tiny_bert))
+    assert feats["start_positions"] == [7, 0]  # [CLS] what ? [SEP] paris is in france
+    # through the CLI: the message reaches the user
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
     with pytest.raises(SystemExit):
         main(["fit", f"--model.backbone={tiny_bert}", "--model.task=question_answering", f"--data.train_file={path}",
               f"--trainer.default_root_dir={tmp_path}"])
     err = capsys.readouterr().err
     assert "id 'b'" in err and "version_2_with_negative: true" in err
-    data = prepared(tiny_bert, QuestionAnswering(version_2_with_negative=True), "fit", train_file=path)
-    assert data.features["train"]["start_positions"] == [7, 0]  # [CLS] what ? [SEP] paris is in france
 
 
 def test_long_questions_and_slow_tokenizers_are_explained(tiny_bert):
@@ -373,7 +491,7 @@ def test_long_questions_and_slow_tokenizers_are_explained(tiny_bert):
         QuestionAnswering(max_length=128, doc_stride=128)
 
 
-def test_nested_squad_json_reads_as_flat_rows(tiny_bert, tmp_path):
+def test_nested_squad_json_reads_as_flat_rows(tmp_path, monkeypatch):
     nested = {"version": "v2.0", "data": [
         {"title": "France", "paragraphs": [{"context": "Paris is in France.", "qas": [
             {"id": "q1", "question": "Where is Paris?", "answers": [{"text": "France", "answer_start": 12}]},
@@ -381,7 +499,7 @@ def test_nested_squad_json_reads_as_flat_rows(tiny_bert, tmp_path):
              "plausible_answers": [{"text": "Paris", "answer_start": 0}]}]}]},
         {"title": "Rivers", "paragraphs": [{"context": "The Seine flows.", "qas": [
             {"id": "q3", "question": "What flows?", "answers": [{"text": "Seine", "answer_start": 4},
-                                                                {"text": "The Seine", "answer_start": 0}]}]}]},
+                                                                {"text": "The Seine"}]}]}]},  # no offset
     ]}
     path = tmp_path / "dev-v2.0.json"
     path.write_text(json.dumps(nested))
@@ -390,13 +508,18 @@ def test_nested_squad_json_reads_as_flat_rows(tiny_bert, tmp_path):
     assert flat.column_names == ["id", "title", "context", "question", "answers"]
     assert flat[1] == {"id": "q2", "title": "France", "context": "Paris is in France.", "question": "Who?",
                        "answers": {"text": [], "answer_start": []}}
-    assert flat[2]["answers"] == {"text": ["Seine", "The Seine"], "answer_start": [4, 0]}
-    data = prepared(tiny_bert, task, val_file=str(path))
-    assert data.features["val"]["index"] == [0, 1, 2]
-    assert task.kept["val"]["answers"] == [["France"], [], ["Seine", "The Seine"]]
+    assert flat[2]["answers"] == {"text": ["Seine", "The Seine"], "answer_start": [4, None]}
+    told = []
+    monkeypatch.setattr("tasks.question_answering.rank_zero_info", told.append)
+    task.check_rows("val", flat, str(path))
+    assert len(told) == 1 and "located 1 answer whose answer_start was missing" in told[0]
+    assert task.split_context("val", flat) == SplitContext(
+        ("q1", "q2", "q3"), ("Paris is in France.", "Paris is in France.", "The Seine flows."),
+        (("France",), (), ("Seine", "The Seine")))
     # flat JSON and JSON Lines are the core's
     (tmp_path / "flat.json").write_text(json.dumps([row("a", "x y", "y")]))
-    assert task.read_file(str(tmp_path / "flat.json")) is None and task.read_file(str(SQUAD)) is None
+    assert task.read_file(str(tmp_path / "flat.json")) is None
+    assert task.read_file(write_jsonl(tmp_path / "rows.jsonl", [row("a", "x y", "y")])) is None
 
 
 # --- end to end through the CLI ------------------------------------------------------------------

@@ -124,11 +124,11 @@ def test_pickle_backbone_weights_need_explicit_permission(tmp_path):
     torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")  # the old pickle format
     (path / "model.safetensors").unlink()
     module = FineTuneModule(str(path), "classification")
-    module.task.labels = ["a", "b"]
+    module.task = module.task.with_options(labels=["a", "b"])
     with pytest.raises(InputError, match=r"has only pickle-based weights .* model.allow_pickle_weights: true"):
         module.configure_model()
     allowed = FineTuneModule(str(path), "classification", allow_pickle_weights=True)
-    allowed.task.labels = ["a", "b"]
+    allowed.task = allowed.task.with_options(labels=["a", "b"])
     allowed.configure_model()
     assert allowed.model is not None
 

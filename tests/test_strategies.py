@@ -2,11 +2,10 @@
 DeepSpeed need GPUs to run; DDP runs on CPU processes in test_distributed.py.)"""
 
 import pytest
-from lightning.pytorch.strategies import FSDPStrategy
 
 from conftest import REPO
 from finetune.cli import run
-from finetune.fsdp import LoraFSDPStrategy
+from finetune.fsdp import LoraFSDPStrategy, LoraWrapPolicy
 from finetune.module import FineTuneModule
 
 STRATEGIES = sorted(p.name for p in (REPO / "configs" / "strategies").glob("*.yaml"))
@@ -24,17 +23,15 @@ def test_strategy_configs_compose_with_task_configs(task, strategy, capsys, monk
     assert "accelerator: gpu" in printed and "model:" in printed
 
 
-def test_fsdp_wraps_each_transformer_block_and_each_trainable_layer(tiny_bert, monkeypatch):
+def test_fsdp_wraps_each_transformer_block_and_each_trainable_layer(tiny_bert):
     module = FineTuneModule(tiny_bert, {"class_path": "tasks.classification.TextClassification",
                                         "init_args": {"labels": ["a", "b"]}})
     module.configure_model()
-    strategy = LoraFSDPStrategy()
-    strategy._lightning_module = module
-    monkeypatch.setattr(FSDPStrategy, "_setup_model", lambda self, model: model)  # FSDP itself needs a GPU
-    strategy._setup_model(module)
-    policy = strategy.kwargs["auto_wrap_policy"]
-    wrapped = [(name, m) for name, m in module.named_modules() if name and policy(module=m, recurse=False,
-                                                                                  nonwrapped_numel=0)]
+    policy = LoraFSDPStrategy().kwargs["auto_wrap_policy"]
+    assert isinstance(policy, LoraWrapPolicy)
+    # FSDP calls the policy on the root module first, then on each submodule
+    wrapped = [(name, m) for name, m in module.named_modules() if policy(module=m, recurse=False, nonwrapped_numel=0)
+               and name]
     assert sum(type(m).__name__ == "BertLayer" for _, m in wrapped) == 2  # the model's _no_split_modules
     leaves = [(name, m) for name, m in wrapped if not list(m.children())]
     assert leaves and all(m.weight.requires_grad for _, m in leaves)  # trainable layers apart from frozen ones

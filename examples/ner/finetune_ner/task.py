@@ -11,6 +11,7 @@ them, `label_all_subtokens`) and the tag predicted for a word is the one at its 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import torch
@@ -19,14 +20,15 @@ from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForTokenClassification
 
 from finetune.errors import InputError
-from finetune.task import MODEL_INPUTS, Task
+from finetune.task import MODEL_INPUTS, Column, Task
 
 IGNORE = -100  # the label of tokens left out of the loss (cross_entropy's ignore_index)
 NO_WORD = -1  # the word id of special tokens and padding
 
 
+@dataclass(frozen=True)
 class TokenClassification(Task):
-    """Args:
+    """Options:
     tokens_column / tags_column: a list of words, and a list of as many IOB2 tags.
     labels: the tags in id order; learned from the training split when not given ("O", then B- and
         I- of every entity type seen, sorted).
@@ -35,71 +37,76 @@ class TokenClassification(Task):
     max_length: longer sentences are truncated to this many tokens; words cut off are predicted O.
     """
 
-    name = "ner"
-    auto_model = AutoModelForTokenClassification
-    head_modules = ("classifier", "score")
-    is_split_into_words = True  # the core then checks that `tokens_column` holds lists of words
+    tokens_column: str = "tokens"
+    tags_column: str = "tags"
+    labels: Optional[list[str]] = None
+    label_all_subtokens: bool = False
+    max_length: int = 256
 
-    def __init__(
-        self,
-        tokens_column: str = "tokens",
-        tags_column: str = "tags",
-        labels: Optional[list[str]] = None,
-        label_all_subtokens: bool = False,
-        max_length: int = 256,
-    ) -> None:
-        invalid = [label for label in labels or [] if not is_iob2(label)]
+    # Unannotated, so class attributes and not options (dataclass fields).
+    head_modules = ("classifier", "score")
+    length_limits = {"input_ids": "max_length"}
+
+    def __post_init__(self) -> None:
+        invalid = [label for label in self.labels or [] if not is_iob2(label)]
         if invalid:
             raise InputError(f"model.task.init_args.labels: {invalid[0]!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)")
-        self.tokens_column = tokens_column
-        self.tags_column = tags_column
-        self.labels = labels
-        self.label_all_subtokens = label_all_subtokens
-        self.max_length = max_length
-        self.words: list[list[str]] = []  # the predict split's words: entities are written with their text
 
-    def input_columns(self) -> dict[str, str]:
-        return {"tokens_column": self.tokens_column}
+    def columns(self) -> list[Column]:
+        return [Column("tokens_column", "words"), Column("tags_column", "label", target=True)]
 
-    def target_columns(self) -> dict[str, str]:
-        return {"tags_column": self.tags_column}
+    def model_class(self, config: Any) -> type:
+        return AutoModelForTokenClassification
 
-    def configure_backbone(self, config: Any, tokenizer: Any) -> None:
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
+                "label2id": {label: i for i, label in enumerate(self.labels)}}
+
+    def backbone_options(self, config: Any, tokenizer: Any) -> dict[str, Any]:
         if not tokenizer.is_fast:
             raise InputError("model.backbone: token classification needs a fast tokenizer (it maps tokens to words "
                              f"with `word_ids`); {type(tokenizer).__name__} is not one")
+        return {}
 
     # --- data ----------------------------------------------------------------------------------
-    def prepare(self, split: str, dataset: Any, source: str) -> None:
-        if self.labels is None and split != "train":
+    def learn(self, train: Any) -> dict[str, Any]:
+        if self.labels is not None:
+            return {}
+        tags = [tag for row in train[self.tags_column] if isinstance(row, list) for tag in row]
+        if any(isinstance(tag, int) for tag in tags):
+            return {}  # integers name no tag: `check_rows` asks for the labels, naming the file
+        types = {tag[2:] for tag in tags if is_iob2(tag) and tag != "O"}
+        return {"labels": ["O"] + sorted(f"{prefix}-{kind}" for kind in types for prefix in "BI")}
+
+    def check_rows(self, split: str, rows: Any, where: str) -> None:
+        if self.labels is None and split == "train":  # `learn` leaves it unset only for integer tags
+            raise InputError(f"{where}: column {self.tags_column!r} holds integers; name the tags they stand for, "
+                             "in id order, in model.task.init_args.labels")
+        if self.labels is None:
             raise InputError("model.task.init_args.labels: no label set; give it, or a checkpoint (--ckpt_path), or "
                              "data.train_file to learn it from")
         if split == "predict":
-            self.words = list(dataset[self.tokens_column])
             return
-        if self.labels is None:
-            tags = [tag for row in dataset[self.tags_column] if isinstance(row, list) for tag in row]
-            if any(isinstance(tag, int) for tag in tags):
-                raise InputError(f"{source}: column {self.tags_column!r} holds integers; name the tags they stand "
-                                 "for, in id order, in model.task.init_args.labels")
-            types = {tag[2:] for tag in tags if is_iob2(tag) and tag != "O"}
-            self.labels = ["O"] + sorted(f"{prefix}-{kind}" for kind in types for prefix in "BI")
-        for row, (words, tags) in enumerate(zip(dataset[self.tokens_column], dataset[self.tags_column]), start=1):
-            where = f"{source}, row {row}: column {self.tags_column!r}"
+        for row, (words, tags) in enumerate(zip(rows[self.tokens_column], rows[self.tags_column]), start=1):
+            at = f"{where}, row {row}: column {self.tags_column!r}"
             if not isinstance(tags, list) or len(tags) != len(words):
-                raise InputError(f"{where} must hold one tag per word ({len(words)} words), got {tags!r:.80}")
+                raise InputError(f"{at} must hold one tag per word ({len(words)} words), got {tags!r:.80}")
             for tag in tags:
                 if isinstance(tag, int) and not isinstance(tag, bool):
                     if not 0 <= tag < len(self.labels):
-                        raise InputError(f"{where}: tag {tag} is not an index of the label set {self.labels} "
+                        raise InputError(f"{at}: tag {tag} is not an index of the label set {self.labels} "
                                          "(integer tags index model.task.init_args.labels)")
                 elif not is_iob2(tag):
-                    raise InputError(f"{where}: {tag!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)")
+                    raise InputError(f"{at}: {tag!r} is not an IOB2 tag (O, B-TYPE or I-TYPE)")
                 elif tag not in self.labels:
-                    raise InputError(f"{where}: tag {tag!r} is not in the label set {self.labels} "
+                    raise InputError(f"{at}: tag {tag!r} is not in the label set {self.labels} "
                                      "(model.task.init_args.labels, or learned from the training split)")
-        if self.labels == ["O"]:
-            raise InputError(f"{source}: column {self.tags_column!r} tags no entity (B-TYPE, I-TYPE)")
+        if split == "train" and self.labels == ["O"]:  # every training tag is in the set, so all are O
+            raise InputError(f"{where}: column {self.tags_column!r} tags no entity (B-TYPE, I-TYPE)")
+
+    def split_context(self, split: str, rows: Any) -> Optional[list[list[str]]]:
+        # Predictions are written with the entities' text, which only the words have.
+        return list(rows[self.tokens_column]) if split == "predict" else None
 
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
         encoded = tokenizer(examples[self.tokens_column], is_split_into_words=True, truncation=True,
@@ -137,14 +144,9 @@ class TokenClassification(Task):
         for key, pad in (("labels", IGNORE), ("word_ids", NO_WORD)):
             if key in features[0]:
                 batch[key] = torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features])
-        batch["index"] = torch.tensor([f["index"] for f in features])
         return batch
 
     # --- model ---------------------------------------------------------------------------------
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),
-                "label2id": {label: i for i, label in enumerate(self.labels)}}
-
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(outputs.logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
@@ -155,10 +157,10 @@ class TokenClassification(Task):
     def types(self) -> list[str]:
         return sorted({label[2:] for label in self.labels if label != "O"})
 
-    def metrics(self, split: str) -> MetricCollection:
+    def metrics(self, split: str, context: Any) -> MetricCollection:
         return MetricCollection({"entities": EntityScores(self.types())})
 
-    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any) -> None:
+    def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any, tokenizer: Any) -> None:
         predicted = self.word_tags(outputs.logits.argmax(-1), batch["word_ids"])
         metrics.update(predicted, self.word_tags(batch["labels"], batch["word_ids"]))
 
@@ -175,19 +177,24 @@ class TokenClassification(Task):
         return rows
 
     # --- prediction ----------------------------------------------------------------------------
-    def predict(self, model: Any, batch: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
+        """Per sentence, the tags of its words up to the last one with a token; `merge_predictions`,
+        which has the words, adds the entities."""
+        logits = self.forward(model, batch).logits
+        return [{"tags": tags} for tags in self.word_tags(logits.argmax(-1), batch["word_ids"])]
+
+    def merge_predictions(self, rows: list[dict[str, Any]], context: list[list[str]]) -> list[dict[str, Any]]:
         """Per sentence, its entities with character offsets into the words joined by single spaces
         (`" ".join(tokens)[start:end] == text`), and every word's tag."""
-        logits = self.forward(model, batch).logits
-        rows = []
-        for tags, index in zip(self.word_tags(logits.argmax(-1), batch["word_ids"]), batch["index"].tolist()):
-            words = self.words[index]
-            tags += ["O"] * (len(words) - len(tags))  # words truncated away (the core warns about them)
+        merged = []
+        for row in rows:
+            words = context[row["index"]]
+            tags = row["tags"] + ["O"] * (len(words) - len(row["tags"]))  # words truncated away (the core warns)
             starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
             entities = [{"text": " ".join(words[first:end]), "type": kind, "start": starts[first],
                          "end": starts[end - 1] + len(words[end - 1])} for kind, first, end in entity_spans(tags)]
-            rows.append({"entities": entities, "tags": tags})
-        return rows
+            merged.append({"entities": entities, "tags": tags, "index": row["index"]})
+        return merged
 
 
 def is_iob2(tag: Any) -> bool:

@@ -1,0 +1,74 @@
+"""Checks of the columns a task declares, before any of its hooks sees the rows: one message naming
+the file, the row, the column and what was expected."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Optional
+
+import datasets
+
+from finetune.errors import InputError
+from finetune.files import mixed_type_problem, value_kind
+from finetune.task import Column, Task
+
+
+def declared_columns(task: Task, split: str) -> list[tuple[Column, str]]:
+    """(declaration, column name) of the columns `split` must have (`predict`: no targets)."""
+    wanted = [column for column in task.columns() if split != "predict" or not column.target]
+    return [(column, getattr(task, column.option)) for column in wanted if getattr(task, column.option) is not None]
+
+
+def text_columns(task: Task) -> list[str]:
+    """The columns that hold text (read from CSV as written)."""
+    return [name for column, name in declared_columns(task, "train") if column.kind == "text" and not column.field]
+
+
+def check_columns(task: Task, rows: datasets.Dataset, split: str, where: str) -> None:
+    for column, name in declared_columns(task, split):
+        if name not in rows.column_names:
+            close = difflib.get_close_matches(name, rows.column_names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise InputError(f"{where} has no column {name!r} (model.task.init_args.{column.option}); its columns "
+                             f"are: {', '.join(rows.column_names)}.{hint}")
+    for column, name in declared_columns(task, split):
+        values = column_values(rows, name)
+        problem = next((f"row {row}: column {name!r} {what}" for row, value in enumerate(values, start=1)
+                        for what in [value_problem(column, value)] if what), None)
+        problem = problem or mixed_type_problem(name, ((f"row {row}", v) for row, v in enumerate(values, start=1)))
+        if problem:
+            raise InputError(f"{where}, {problem}")
+
+
+def value_problem(column: Column, value: Any) -> Optional[str]:
+    """What is wrong with one value of a declared column, or None."""
+    if column.field is not None:
+        if not isinstance(value, dict):
+            return f"must hold objects with the key {column.field!r}, got {value_kind(value) or 'null'}: {value!r:.60}"
+        if column.field not in value:
+            return f"has no key {column.field!r} (it has {', '.join(map(repr, value)) or 'none'})"
+        value = value[column.field]
+    if value is None:
+        return "is missing or null"
+    if column.kind == "text":
+        if not isinstance(value, str):
+            return f"must hold text, got {value_kind(value)}: {value!r:.60}"
+        if not value.strip():
+            return "is empty" if not value else f"holds only whitespace ({value!r:.40})"
+    elif column.kind == "words":
+        if not isinstance(value, list):
+            return f"must hold a list of words, got {value_kind(value)}: {value!r:.60}"
+        if not value:
+            return "is an empty list of words"
+        bad = next((i for i, word in enumerate(value) if not isinstance(word, str) or not word.strip()), None)
+        if bad is not None:
+            return f"word {bad} is not a word: {value[bad]!r:.40}"
+    elif column.kind == "record" and not isinstance(value, dict):
+        return f"must hold an object {{...}}, got {value_kind(value)}: {value!r:.60}"
+    return None
+
+
+def column_values(rows: datasets.Dataset, column: str) -> list:
+    if isinstance(rows.features[column], (datasets.Value, datasets.List)):
+        return rows.select_columns([column]).with_format("arrow")[:].column(column).to_pylist()  # fast
+    return list(rows[column])  # features that decode (e.g. mixed-type columns read as JSON)

@@ -1,0 +1,94 @@
+"""Batches: examples of similar length together, the same number of batches in every process, and
+a training order that a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator
+
+from torch.utils.data import Sampler
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of examples of similar length, this process's share of them.
+
+    Training (`shuffle=True`): a seeded permutation per epoch is cut into chunks of 50 batches,
+    each chunk sorted by length and cut into batches, and the batches shuffled: little padding,
+    still random. Without `group`, plain shuffled batches. Evaluation (`shuffle=False`): sorted
+    by length, longest first, so an out-of-memory error shows on the first batch.
+
+    With several processes every one builds the same batch list (same seed) and takes every
+    `world_size`-th batch, the same number of batches in every process. Training repeats batches
+    to get there; evaluation splits batches, so each example is evaluated exactly once.
+    """
+
+    def __init__(
+        self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, group: bool,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group = group
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # called by Lightning before each epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self._own_batches())
+
+    def _batches(self, indices: list[int]) -> list[list[int]]:
+        return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+
+    def _all_batches(self) -> list[list[int]]:
+        if not self.shuffle:
+            return self._batches(sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i]))
+        rng = random.Random(self.seed + self.epoch)
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        if not self.group:
+            return self._batches(order)
+        chunk = 50 * self.batch_size
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start : start + chunk], key=lambda i: -self.lengths[i])
+            batches.extend(self._batches(part))
+        rng.shuffle(batches)
+        return batches
+
+    def _own_batches(self) -> list[list[int]]:
+        batches = self._all_batches()
+        if self.shuffle:  # training: repeat batches so that every process has as many
+            batches += batches[: -len(batches) % self.world_size]
+        else:  # evaluation: split batches instead, so every example is seen once and every process
+            # still runs as many steps (a collective in one process's step would otherwise hang)
+            while len(batches) % self.world_size and max(map(len, batches)) > 1:
+                largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+                batch = batches.pop(largest)
+                batches[largest:largest] = [batch[: len(batch) // 2], batch[len(batch) // 2 :]]
+        return batches[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._own_batches()
+
+
+class ResumableBatches(Sampler[list[int]]):
+    """The training loader's batches: the epoch's shuffle and, after a resume, where in the epoch to
+    continue. `position()` gives (epoch, batches to skip) when the epoch's first batch is drawn, since
+    Lightning may create the loader's iterator before it restores a checkpoint."""
+
+    def __init__(self, sampler: LengthGroupedBatchSampler, position: Callable[[], tuple[int, int]]) -> None:
+        self.sampler = sampler
+        self.position = position
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, skip = self.position()
+        self.sampler.set_epoch(epoch)
+        yield from list(self.sampler)[skip:]
