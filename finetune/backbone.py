@@ -117,7 +117,7 @@ def load_config_and_tokenizer(
 
 
 def load_model(
-    auto_model: type, backbone: str, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
+    model_class: type, backbone: str, trust_remote_code: bool = False, allow_pickle_weights: bool = False,
     **kwargs: Any,
 ) -> tuple[PreTrainedModel, list[str]]:
     """The backbone with the task's head, and the names of weights the checkpoint did not have
@@ -131,7 +131,7 @@ def load_model(
             "when loaded. Convert them to safetensors, or set model.allow_pickle_weights: true if you trust them"
         )
     try:
-        model, info = auto_model.from_pretrained(
+        model, info = model_class.from_pretrained(
             path, trust_remote_code=trust_remote_code, output_loading_info=True,
             use_safetensors=None if allow_pickle_weights else True, **kwargs,
         )

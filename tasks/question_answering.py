@@ -78,7 +78,6 @@ class QuestionAnswering(Task):
     null_score_diff_threshold: float = 0.0
     output_n_best: bool = False
 
-    name = "question_answering"
     head_modules = ("qa_outputs",)
 
     def __post_init__(self) -> None:

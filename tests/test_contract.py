@@ -1,0 +1,96 @@
+"""The task contract as declared data: tasks are frozen dataclasses stored as plain options; what a
+task learns or needs is returned; checkpoints and options are checked before any work starts."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from finetune.checkpointing import check_checkpoint
+from finetune.columns import declared_columns
+from finetune.errors import InputError
+from finetune.lora import LoraSettings
+from finetune.registry import build_task
+from tasks.classification import TextClassification
+from tasks.question_answering import QuestionAnswering
+from tasks.summarization import Summarization
+from tasks.translation import Translation
+
+
+@pytest.mark.parametrize("task", [TextClassification(labels=["a", "b"], max_length=64), QuestionAnswering(n_best=5),
+                                  Summarization(generation={"num_beams": 4}),
+                                  Translation(source_lang="en", target_lang="de")])
+def test_a_task_is_its_options(task):
+    config = task.config()
+    assert config["init_args"] == dataclasses.asdict(task)
+    assert build_task(config) == task  # (nested settings come back as their dataclass)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        task.stash = 1  # nothing can be kept on a task between hooks
+
+
+def test_learned_options_are_returned_not_stored():
+    task = TextClassification()
+    learned = task.learn({"label": ["pos", "neg", "pos"]})
+    assert learned == {"labels": ["neg", "pos"]} and task.labels is None
+    assert task.with_options(**learned).labels == ["neg", "pos"]
+    assert TextClassification(labels=["x", "y"]).learn({"label": ["pos"]}) == {}
+
+
+def test_declared_columns_skip_unset_options_and_targets_on_predict():
+    task = TextClassification(text_pair_column=None)
+    assert [name for _, name in declared_columns(task, "train")] == ["text", "label"]
+    assert [name for _, name in declared_columns(task, "predict")] == ["text"]
+
+
+def test_generation_scores_in_standalone_evaluation_and_every_n_epochs_of_a_fit():
+    task = Translation(generate_every_n_epochs=2)
+    assert [task.computes_metrics("val", epoch) for epoch in range(4)] == [False, True, False, True]
+    assert task.computes_metrics("val", None) and task.computes_metrics("test", None)  # `finetune validate` / `test`
+    assert not Translation(generate_every_n_epochs=0).computes_metrics("val", 3)
+
+
+def test_evaluation_without_a_label_set_is_named():
+    with pytest.raises(InputError, match=r"model.task.init_args.labels: no label set; give it, or a checkpoint"):
+        TextClassification().check_rows("val", {"label": ["a"]}, "data.val_file (v.jsonl)")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"r": 0}, r"model.lora.r: the LoRA rank must be at least 1, got 0"),
+    ({"dropout": 1.5}, r"model.lora.dropout: must be in \[0, 1\)"),
+])
+def test_bad_lora_settings_name_the_key(settings, message):
+    with pytest.raises(InputError, match=message):
+        LoraSettings(**settings)
+
+
+def test_bad_batch_size_is_named():
+    from finetune.data import DataModule
+
+    for size in (0, -1):
+        with pytest.raises(InputError, match=rf"data.batch_size: must be at least 1, got {size}"):
+            DataModule(batch_size=size)
+
+
+def checkpoint_file(path, **content):
+    torch.save({"state_dict": {}, **content}, path)
+    return str(path)
+
+
+def test_checkpoints_are_checked_before_anything_loads(tmp_path):
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(InputError, match=r"notes.ckpt' is not a checkpoint"):
+        check_checkpoint(str(text))
+    old = checkpoint_file(tmp_path / "old.ckpt", hyper_parameters={"task": {"class_path": "x.TextClassification"}})
+    with pytest.raises(InputError, match=r"old.ckpt' was written by a finetune of an earlier format"):
+        check_checkpoint(old)
+    qa = checkpoint_file(tmp_path / "qa.ckpt", finetune_format=2,
+                         hyper_parameters={"task": {"class_path": "tasks.question_answering.QuestionAnswering"}})
+    config = SimpleNamespace(task=SimpleNamespace(class_path="tasks.classification.TextClassification"))
+    with pytest.raises(InputError, match=r"holds a QuestionAnswering model, but the config's model.task is "
+                                         r"TextClassification"):
+        check_checkpoint(qa, config)
+    check_checkpoint(qa)  # no task named: the checkpoint's is used
+    with pytest.raises(InputError, match=r"--ckpt_path: '.*missing.ckpt' does not exist"):
+        check_checkpoint(str(tmp_path / "missing.ckpt"))
