@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def fit(root: Path, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "finetune", "fit", "--config", str(REPO / "configs/classification.yaml"),
             "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
-            f"--trainer.logger.init_args.save_dir={root}",
+            f"--trainer.default_root_dir={root}",
             f"--trainer.callbacks.dirpath={root}/best", "--trainer.callbacks+=ModelCheckpoint",
             f"--trainer.callbacks.dirpath={root}/steps", "--trainer.callbacks.every_n_train_steps=10",
             "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *extra]
@@ -38,6 +39,12 @@ def final(root: Path) -> tuple[dict, list[str]]:
     out = (root / "log.txt").read_text()
     epochs = [line for line in out.splitlines() if line.startswith("epoch ")]
     return torch.load(root / "steps" / "last.ckpt", weights_only=True), epochs
+
+
+def saved_step(root: Path) -> Optional[int]:
+    """The step of the killed run's last checkpoint; None when it was killed before saving one."""
+    last = root / "steps" / "last.ckpt"
+    return torch.load(last, weights_only=True)["global_step"] if last.is_file() else None
 
 
 def main() -> None:
@@ -55,9 +62,17 @@ def main() -> None:
     time.sleep(delay)
     run.send_signal(signal.SIGKILL)
     run.communicate()
-    saved = torch.load(b / "steps" / "last.ckpt", weights_only=True)["global_step"]
-    print(f"killed after {delay:.1f}s of a {seconds:.1f}s run; last checkpoint at step {saved}")
-    resumed = fit(b, f"--ckpt_path={b}/steps/last.ckpt")
+    saved = saved_step(b)
+    total = torch.load(a / "steps" / "last.ckpt", weights_only=True)["global_step"]
+    reached = min(total, round(total * delay / seconds))  # (an estimate: the run's start-up counts as steps)
+    if saved is None:
+        print(f"killed after {delay:.1f}s of a {seconds:.1f}s run, before the first checkpoint: every step done "
+              f"(about {reached}) is lost; the run starts again from step 0")
+        resumed = fit(b)
+    else:
+        print(f"killed after {delay:.1f}s of a {seconds:.1f}s run; last checkpoint at step {saved}: about "
+              f"{max(0, reached - saved)} steps lost")
+        resumed = fit(b, f"--ckpt_path={b}/steps/last.ckpt")
     (b / "log.txt").write_text(resumed.communicate()[0])
     (state_a, log_a), (state_b, log_b) = final(a), final(b)
     diff = max((state_a["state_dict"][k] - state_b["state_dict"][k]).abs().max().item() for k in state_a["state_dict"])

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.errors import InputError, StoppedBySignal
@@ -25,6 +26,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         with open(partial, "rb") as f:  # on disk before it replaces the old one
             os.fsync(f.fileno())
         os.replace(partial, path)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for runs that each have their own directory (`runs/<task>/version_N/`).
+
+    A resumed `fit` is a new run in a new directory: its best and top-k checkpoints are among its own (the
+    previous run's files are left alone), as Lightning does, without its warning that the directory changed.
+    `validate`, `test` and `predict` save nothing, so the state a checkpoint holds of this callback is not
+    restored there either."""
+
+    stage: Optional[str] = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self.stage = stage  # (Lightning calls setup before it restores a checkpoint)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.stage == "fit" and state_dict.get("dirpath") == self.dirpath:
+            super().load_state_dict(state_dict)
 
 
 class StopOnSignal(Callback):
@@ -62,7 +82,7 @@ class StopOnSignal(Callback):
         path = Path(checkpoints.dirpath if checkpoints else trainer.default_root_dir) / "last.ckpt"
         if checkpoints:  # part of the saved state: the resumed run then updates this file, not `last-v1.ckpt`
             checkpoints.last_model_path = str(path)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: a resume continues exactly
         signal_name = self.received or "a signal to another process"
         rank_zero_info(
             f"Stopped by {signal_name} after step {trainer.global_step}; saved {path}. "

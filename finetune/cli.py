@@ -50,10 +50,12 @@ def print_tasks() -> None:
 
 def run(args: Optional[list[str]] = None) -> LightningCLI:
     """`finetune fit|validate|test|predict ...` (args default to the command line); returns the FineTuneCLI."""
-    from finetune.checkpointing import AtomicCheckpointIO
+    from finetune.console import quiet_known_messages
     from finetune.data import DataModule
-    from finetune.lightning_cli import FineTuneCLI, FineTuneParser
+    from finetune.lightning_cli import FineTuneCLI, FineTuneParser, RunConfig
     from finetune.module import FineTuneModule
+
+    quiet_known_messages()
 
     # Configs may name a task by its short class name; that needs the class imported.
     for problem in import_registered_tasks():
@@ -62,11 +64,13 @@ def run(args: Optional[list[str]] = None) -> LightningCLI:
         FineTuneModule,
         DataModule,
         args=args,
+        save_config_callback=RunConfig,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,  # model.optimizer / model.scheduler configure them
         trainer_defaults={
             "use_distributed_sampler": False,  # the data module shards batches itself
-            "plugins": [AtomicCheckpointIO()],  # a kill while saving keeps the previous checkpoint
+            # a kill while saving keeps the previous checkpoint (as config, so that config.yaml records it)
+            "plugins": [{"class_path": "finetune.checkpointing.AtomicCheckpointIO"}],
         },
         parser_kwargs={"description": DESCRIPTION},
         parser_class=FineTuneParser,
@@ -84,8 +88,10 @@ def main(args: Optional[list[str]] = None) -> None:
         elif argv[:1] == ["export"]:
             from jsonargparse import CLI
 
+            from finetune.console import quiet_known_messages
             from finetune.export import export
 
+            quiet_known_messages()
             CLI(export, args=argv[1:], as_positional=False)
         else:
             run(args)

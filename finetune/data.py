@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from finetune.columns import check_columns, text_columns
 from finetune.errors import InputError
 from finetune.files import check_data_file, read_data_file, read_hub_dataset
-from finetune.sampling import LengthGroupedBatchSampler, ResumableBatches
+from finetune.sampling import LengthGroupedBatchSampler, LongestFirst, ResumableBatches
 from finetune.task import Task
 
 FILE_OPTIONS = {"train": "train_file", "val": "val_file", "test": "test_file", "predict": "predict_file"}
@@ -136,13 +136,18 @@ class DataModule(LightningDataModule):
         task, tokenizer = self.trainer.lightning_module.task, self.trainer.lightning_module.tokenizer
         lengths = features.with_format("arrow")["length"].to_pylist()  # a list: the sampler indexes it often
         batch_size = self.batch_size if train else self.eval_batch_size
+        rank, world_size = self.trainer.global_rank, self.trainer.world_size
         # Evaluation order does not matter for metrics; predictions are put back in input order by index.
-        sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train,
-                                            group=self.group_by_length or not train,
-                                            rank=self.trainer.global_rank, world_size=self.trainer.world_size)
+        if split == "predict":  # no collectives per step: the processes may run different numbers of batches
+            batching: dict[str, Any] = {"sampler": LongestFirst(lengths, rank, world_size), "batch_size": batch_size}
+        else:
+            sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train,
+                                                group=self.group_by_length or not train, rank=rank,
+                                                world_size=world_size)
+            batching = {"batch_sampler": ResumableBatches(sampler, self.epoch_position) if train else sampler}
         return DataLoader(
             features.remove_columns("length"),
-            batch_sampler=ResumableBatches(sampler, self.epoch_position) if train else sampler,
+            **batching,
             collate_fn=functools.partial(collate, task=task, tokenizer=tokenizer),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -2,35 +2,61 @@
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from pathlib import Path
 
-from peft import PeftModel
-
-from finetune.checkpointing import check_checkpoint
-from finetune.module import FineTuneModule
+from finetune.errors import InputError
+from finetune.preflight import unwritable
 
 
-def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool = True) -> None:
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Before anything loads: `output_dir` is a directory that can be written, and empty unless `overwrite`."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output_dir: {output_dir!r} is a file; expected a directory (new or empty)")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"--output_dir: {output_dir!r} is not empty; choose a new directory, or pass "
+                         "--overwrite true to replace its adapter/ and merged/")
+    problem = unwritable(output_dir)
+    if problem:
+        raise InputError(f"--output_dir: cannot write to {output_dir!r}: {problem}")
+
+
+def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool = True, overwrite: bool = False) -> None:
     """Export a finetune checkpoint.
 
     Args:
         ckpt_path: checkpoint written by `finetune fit`.
         output_dir: receives `adapter/` (load with `PeftModel.from_pretrained(base_model, dir)`) and
             `merged/` (a standalone model: `AutoModelFor...from_pretrained(dir)`), both as safetensors
-            with the tokenizer.
+            with the tokenizer. A new or empty directory, unless `overwrite`.
         adapter: write `adapter/` (LoRA checkpoints only).
         merged: write `merged/`.
+        overwrite: write into a directory that is not empty, replacing its `adapter/` and `merged/`.
     """
+    from peft import PeftModel  # (imported here: a bad output_dir is reported before seconds of imports)
+
+    from finetune.checkpointing import check_checkpoint
+    from finetune.module import FineTuneModule
+
+    check_output_dir(output_dir, overwrite)
     check_checkpoint(ckpt_path)
-    module = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():
+        # A checkpoint holds only the trained weights (the frozen backbone comes from model.backbone), which
+        # Lightning reports by listing every backbone weight; missing trained weights are refused on load.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+        module = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     model, out = module.model, Path(output_dir)
     if adapter and isinstance(model, PeftModel):
+        shutil.rmtree(out / "adapter", ignore_errors=True)
         # Name the base model as the user did (a hub name), not where it was found on this machine.
         model.peft_config["default"].base_model_name_or_path = module.backbone
         model.save_pretrained(out / "adapter")
         module.tokenizer.save_pretrained(out / "adapter")
         print(f"Wrote the LoRA adapter to {out / 'adapter'}")
     if merged:
+        shutil.rmtree(out / "merged", ignore_errors=True)
         standalone = model.merge_and_unload() if isinstance(model, PeftModel) else model
         standalone.save_pretrained(out / "merged")
         module.tokenizer.save_pretrained(out / "merged")

@@ -7,11 +7,12 @@ parsers (json, csv) to say where and why; no library's error text is parsed.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import datasets
 
@@ -41,7 +42,8 @@ def read_data_file(path: str, where: str, text_columns: list[str]) -> datasets.D
     if fmt == "csv":
         options = {"keep_default_na": False, "na_values": [""], "converters": dict.fromkeys(text_columns, str)}
     try:
-        rows = datasets.load_dataset(fmt, data_files=path, split="train", **options)
+        with no_progress_bars():  # "Generating train split" for every split of a local file says nothing
+            rows = datasets.load_dataset(fmt, data_files=path, split="train", **options)
         if fmt == "json":  # pyarrow reads bytes that are not UTF-8 into strings that fail later
             rows.data.table.validate(full=True)
     except Exception as err:  # datasets wraps parser errors in several types: find the cause ourselves
@@ -57,6 +59,18 @@ def read_data_file(path: str, where: str, text_columns: list[str]) -> datasets.D
     if len(rows) == 0:
         raise InputError(f"{where} is empty")
     return rows
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """datasets' progress bars off for the block (back on after it if they were on)."""
+    were_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if were_on:
+            datasets.enable_progress_bars()
 
 
 def read_hub_dataset(name: str, config: Optional[str], split: str, where: str, required: bool) -> Optional[Any]:

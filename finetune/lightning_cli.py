@@ -8,16 +8,24 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 from typing import Any, NoReturn, Optional
 
+import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from finetune.checkpointing import StopOnSignal, check_checkpoint
+from finetune.console import ProgressBar, Summary
+from finetune.errors import InputError
 from finetune.predictions import PredictionWriter
 from finetune.preflight import check_output_dirs
+from finetune.runs import DiscardFailedRun, default_loggers, resolve_last, tensorboard_installed
 
 
 def init_options(class_path: str) -> list[str]:
@@ -46,13 +54,49 @@ def namespace_key(config: Namespace, name: str) -> Optional[str]:
     return ".".join(path)
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The `--config` files of a command line."""
+    files = [value for flag, value in zip(args, args[1:]) if flag in ("-c", "--config")]
+    return files + [arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")]
+
+
+def check_config_files(args: list[str]) -> None:
+    """A config file that is not valid YAML, named (jsonargparse's message does not say which file)."""
+    for path in config_files(args):
+        if not os.path.isfile(path):
+            continue  # jsonargparse says it does not exist
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            detail = " ".join(str(err).split())
+            raise InputError(f"--config {path}: not valid YAML: {detail}") from err
+
 
 class FineTuneParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors about an unknown option of a class also list the valid ones."""
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
-        hint = unknown_option_hint(message)
+        # (a key unknown to a subcommand's config is found by the main parser; jsonargparse names the
+        # subcommand's parser on the exception)
+        hint = unknown_option_hint(message) or unknown_key_hint(message, getattr(ex, "subcommand_parser", self))
         super().error(f"{hint}\n{message}" if hint else message, ex)
+
+
+def unknown_key_hint(message: str, parser: LightningArgumentParser) -> Optional[str]:
+    """'trainr.max_epochs: unknown key. Did you mean 'trainer.max_epochs'?' for a key no section has, given in a
+    config file ("does not accept option") or on the command line ("unrecognized arguments")."""
+    found = (re.search(r"does not accept option '([\w.]+)'", message)
+             or re.search(r"unrecognized arguments: --([\w.]+)", message))
+    if not found:
+        return None
+    key = found.group(1)
+    keys = list(parser.get_defaults().keys())
+    sections = sorted({k.split(".")[0] for k in keys})
+    close = difflib.get_close_matches(key, keys, n=1) or difflib.get_close_matches(key.split(".")[0], sections, n=1)
+    if not close:
+        return f"{key}: unknown key; the sections are {', '.join(sections)}"
+    return f"{key}: unknown key. Did you mean {close[0]!r}?"
 
 
 def unknown_option_hint(message: str) -> Optional[str]:
@@ -71,14 +115,27 @@ def unknown_option_hint(message: str) -> Optional[str]:
     return f"{key.group(1)}: unknown option {option.group(1)!r}.{did_you_mean} Valid: {', '.join(valid)}"
 
 
+class RunConfig(SaveConfigCallback):
+    """LightningCLI's `config.yaml`, saved in the run's directory; a run without a logger has no directory
+    (and writes no `config.yaml` into the current one)."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.logger is not None:
+            super().setup(trainer, pl_module, stage)
+
+
 class FineTuneCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        super().parse_arguments(parser, args)
-        # The `--model.*` values of the command line (as LightningCLI reads it: `args`, else sys.argv),
-        # kept before the checkpoint's hyperparameters are applied over them.
+        # The command line as LightningCLI reads it: `args`, else sys.argv.
         command_line = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
+        check_config_files(command_line)
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
+        if config is not None and config.get("ckpt_path") == "last":  # before LightningCLI reads the checkpoint
+            config["ckpt_path"] = resolve_last(config["trainer"], subcommand)
+        # The `--model.*` values of the command line, kept before the checkpoint's hyperparameters are
+        # applied over them.
         keys = [namespace_key(config, name) for name in model_option_names(command_line)] if config else []
         self.typed_model_values = {key: config[key] for key in keys if key and not isinstance(config[key], Namespace)}
         if subcommand and config.get("ckpt_path"):
@@ -98,5 +155,66 @@ class FineTuneCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]
+        callbacks = list(trainer.get("callbacks") or [])
+        if trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(c, LightningProgressBar) for c in callbacks):
+            callbacks.append(ProgressBar())
+        if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
+            callbacks.append(Summary())
+            kwargs["enable_model_summary"] = False  # (Lightning's own would be added otherwise; ours is there)
+        if trainer.get("logger") in (None, True):  # not set: finetune's run directories
+            if self.subcommand == "predict":  # predictions go to predictions.output_file; nothing to log
+                kwargs["logger"] = False
+            else:
+                kwargs["logger"] = default_loggers(trainer.get("default_root_dir") or os.getcwd())
+                callbacks.append(DiscardFailedRun(kwargs["logger"][0].log_dir))
+        trainer["callbacks"] = callbacks
+        return super().instantiate_trainer(**kwargs)
+
     def before_fit(self) -> None:
         check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
+
+    def before_predict(self) -> None:
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionWriter):
+                callback.check_output_file()  # before the model and the data load
+
+    def after_fit(self) -> None:
+        summary = fit_summary(self.trainer, self.config["fit"])  # on every process: `trainer.log_dir` broadcasts
+        if self.trainer.is_global_zero:
+            print(summary, flush=True)
+
+
+def shown(path: str) -> str:
+    """A path as the user would type it: relative to the current directory when it is inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def fit_summary(trainer: Trainer, config: Namespace) -> str:
+    """Where the run's results are, and the commands that use them."""
+    lines = []
+    if trainer.logger is not None:
+        curves = (f"curves: tensorboard --logdir {shown(os.path.dirname(trainer.log_dir))}" if tensorboard_installed()
+                  else "curves: pip install 'finetune[tensorboard]'")
+        lines.append(f"Run: {shown(trainer.log_dir)} (metrics.csv; {curves})")
+    checkpoints = trainer.checkpoint_callback
+    best = shown(checkpoints.best_model_path) if getattr(checkpoints, "best_model_path", "") else ""
+    last = shown(checkpoints.last_model_path) if getattr(checkpoints, "last_model_path", "") else ""
+    if best and checkpoints.monitor:
+        score = checkpoints.best_model_score
+        lines.append(f"Best checkpoint: {best} ({checkpoints.monitor}={float(score):.4f})" if score is not None
+                     else f"Best checkpoint: {best}")
+    if last:
+        lines.append(f"Last checkpoint: {last}")
+    chosen = best or last
+    if chosen:
+        configs = "".join(f" --config {path}" for path in config.get("config") or [])
+        data = "" if config["data"].get("predict_file") else " --data.predict_file FILE"
+        export_dir = os.path.join(os.path.dirname(os.path.dirname(chosen)), "export")
+        lines += ["Next:",
+                  f"  finetune predict{configs} --ckpt_path {chosen}{data}",
+                  f"  finetune export --ckpt_path {chosen} --output_dir {export_dir}"]
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from finetune.errors import InputError
+from finetune.preflight import unwritable
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -21,13 +23,21 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.output_file = Path(output_file)
 
+    def check_output_file(self) -> None:
+        """Fail before predicting, not after, when `output_file` cannot be written (`finetune predict` checks
+        before the model and the data load)."""
+        file = self.output_file
+        if file.is_dir():
+            raise InputError(f"predictions.output_file: {str(file)!r} is a directory; expected a file path "
+                             f"such as {str(file / 'predictions.jsonl')!r}")
+        problem = unwritable(str(file.parent))
+        if problem is None and file.exists() and not os.access(file, os.W_OK):
+            problem = "the file is read-only"
+        if problem:
+            raise InputError(f"predictions.output_file: cannot write {str(file)!r}: {problem}")
+
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Fail before predicting, not after, when the file cannot be written.
-        try:
-            self.output_file.parent.mkdir(parents=True, exist_ok=True)
-            self.output_file.touch()
-        except OSError as err:
-            raise InputError(f"predictions.output_file: cannot write {str(self.output_file)!r}: {err}") from err
+        self.check_output_file()
 
     def write_on_epoch_end(
         self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Sequence[Any]

@@ -76,6 +76,20 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from self._own_batches()
 
 
+class LongestFirst(Sampler[int]):
+    """The prediction order: this process's share of the examples, longest first. A plain sampler (the
+    DataLoader batches it), so Lightning can see that prediction keeps every example (`drop_last=False`)."""
+
+    def __init__(self, lengths: list[int], rank: int = 0, world_size: int = 1) -> None:
+        self.order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[rank::world_size]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.order
+
+
 class ResumableBatches(Sampler[list[int]]):
     """The training loader's batches: the epoch's shuffle and, after a resume, where in the epoch to
     continue. `position()` gives (epoch, batches to skip) when the epoch's first batch is drawn, since

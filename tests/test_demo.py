@@ -17,8 +17,7 @@ CONFIG = REPO / "configs" / "classification.yaml"
 def demo_fit(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     cli = run(["fit", "--config", str(CONFIG), "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
-               f"--trainer.logger.init_args.save_dir={root}", f"--trainer.callbacks.dirpath={root}/checkpoints",
-               f"--predictions.output_file={root}/predictions.jsonl"])
+               f"--trainer.default_root_dir={root}", f"--predictions.output_file={root}/predictions.jsonl"])
     return root, cli
 
 
@@ -41,7 +40,7 @@ def test_demo_predict_and_export(demo_fit, tmp_path):
     checkpoint = next(root.rglob("last.ckpt"))
     out = tmp_path / "predictions.jsonl"
     main(["predict", "--config", str(CONFIG), f"--ckpt_path={checkpoint}", f"--predictions.output_file={out}",
-          "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}"])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     n_inputs = len((REPO / "data" / "support_tickets" / "predict.jsonl").read_text().splitlines())
     assert len(rows) == n_inputs

@@ -1,0 +1,101 @@
+"""What `finetune` prints: the model summary, the progress bar, per-epoch metrics and where the results are.
+
+The messages of other libraries that say nothing to act on in a finetune run are dropped here, and only
+here, each by its exact wording (`quiet_known_messages`); everything else they log or warn still shows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelSummary, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+from lightning_utilities.core.imports import RequirementCache
+
+#: (logger, start of the message) of the known-harmless messages `finetune` does not show.
+KNOWN_HARMLESS = [
+    # Lightning, on every run: the hardware it found (the model summary and the bar show what runs) and an ad.
+    ("lightning.pytorch.utilities.rank_zero", "GPU available:"),
+    ("lightning.pytorch.utilities.rank_zero", "TPU available:"),
+    ("lightning.pytorch.utilities.rank_zero", "HPU available:"),
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud uploads"),
+    # Lightning, when the schedule asks for the run's length (`configure_optimizers`): nothing to act on.
+    ("lightning.pytorch.utilities.rank_zero", "Loading `train_dataloader` to estimate number of stepping batches"),
+    # datasets, before the reader fails: finetune's own message names the line and the cause.
+    ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
+]
+
+
+class DropMessages(logging.Filter):
+    def __init__(self, starts: list[str]) -> None:
+        super().__init__()
+        self.starts = tuple(starts)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+class DropMissingOnlyLoadReport(logging.Filter):
+    """transformers' LOAD REPORT when all it lists is MISSING weights: those are the task's new head (and
+    weights the pretrained checkpoint dropped), which finetune trains and saves in full; on `predict` and
+    `export` they come from the checkpoint. A report of unexpected or mismatched weights still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        return any(status in message for status in ("UNEXPECTED", "MISMATCH", "CONVERSION"))
+
+
+def quiet_known_messages() -> None:
+    """Install the filters of `KNOWN_HARMLESS` (once per process) and switch off transformers' bar of
+    weight loading (the backbone loads in a second)."""
+    import transformers
+
+    starts: dict[str, list[str]] = {}
+    for name, start in KNOWN_HARMLESS:
+        starts.setdefault(name, []).append(start)
+    for name, prefixes in starts.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropMessages) for f in logger.filters):
+            logger.addFilter(DropMessages(prefixes))
+    modeling = logging.getLogger("transformers.modeling_utils")
+    if not any(isinstance(f, DropMissingOnlyLoadReport) for f in modeling.filters):
+        modeling.addFilter(DropMissingOnlyLoadReport())
+    transformers.utils.logging.disable_progress_bar()
+
+
+RICH = bool(RequirementCache("rich"))
+
+
+class ProgressBar(RichProgressBar if RICH else TQDMProgressBar):  # type: ignore[misc]
+    """Lightning's progress bar without `v_num` (the run's directory is printed at the end)."""
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
+class Summary(ModelSummary):
+    """The model summary: the modules that hold parameters, and how many are trained (no FLOPs column:
+    Lightning counts FLOPs only for models that define an example input, which ours do not)."""
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        columns = dict(summary_data)
+        rows = [(name, kind, params) for name, kind, params in zip(columns["Name"], columns["Type"], columns["Params"])
+                if params.strip() != "0"]
+        widths = [max(len(row[i]) for row in [("Name", "Type", "Params"), *rows]) for i in range(3)]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                 for row in [("Name", "Type", "Params"), *rows]]
+        share = 100 * trainable_parameters / max(1, total_parameters)
+        lines.append(f"Trainable params: {get_human_readable_count(trainable_parameters)} ({share:.2f}%) of "
+                     f"{get_human_readable_count(total_parameters)}, {model_size:.1f} MB")
+        rank_zero_info("\n".join(lines))
