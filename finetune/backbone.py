@@ -20,7 +20,14 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import constants
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from finetune import gguf
 from finetune.errors import InputError
@@ -130,11 +137,18 @@ def load_model(
             f"model.backbone: {backbone!r} has only pickle-based weights (*.bin / *.pt), which can run code "
             "when loaded. Convert them to safetensors, or set model.allow_pickle_weights: true if you trust them"
         )
+    loading = {"trust_remote_code": trust_remote_code, "use_safetensors": None if allow_pickle_weights else True,
+               **kwargs}
     try:
-        model, info = model_class.from_pretrained(
-            path, trust_remote_code=trust_remote_code, output_loading_info=True,
-            use_safetensors=None if allow_pickle_weights else True, **kwargs,
-        )
+        model, info = model_class.from_pretrained(path, output_loading_info=True, **loading)
+        missing = set(info.get("missing_keys", []))
+        prefix = model.base_model_prefix
+        base = {key for key in model.state_dict() if key.startswith(prefix + ".")}
+        if base and base <= missing:
+            # Some heads call the base model other than the checkpoint does (LlamaForQuestionAnswering:
+            # `transformer`, LlamaForCausalLM: `model`), so none of its weights loaded: load it on its own.
+            model.base_model.load_state_dict(AutoModel.from_pretrained(path, **loading).state_dict())
+            missing -= base
     except (OSError, ValueError) as err:
         raise InputError(_explain(backbone, err)) from err
-    return model, sorted(info.get("missing_keys", []))
+    return model, sorted(missing)

@@ -92,6 +92,8 @@ class FineTuneModule(LightningModule):
             self.task.model_class(self.backbone_config), self.backbone, self.trust_remote_code,
             self.allow_pickle_weights, **self.task.model_kwargs(), **quantized_loading(self.quantization, self.lora),
         )
+        if model.config.pad_token_id is None:  # decoders have none: a classification head finds the last
+            model.config.pad_token_id = self.tokenizer.pad_token_id  # real token by it, generate pads with it
         if self.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         elif self.gradient_checkpointing:
@@ -129,9 +131,7 @@ class FineTuneModule(LightningModule):
         loss = self.task.loss(outputs, batch)
         if self.computes_metrics(stage):
             self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model, self.tokenizer)
-        if stage == "train":  # per step, no cross-process sync (that would stall every step)
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch["index"]))
-        else:  # exact mean over the split, weighted by what each batch's loss averages over
+        if stage != "train":  # exact mean over the split, weighted by what each batch's loss averages over
             self.losses[f"{stage}_loss"].update(loss.detach(), self.task.loss_weight(batch))
         return loss
 
@@ -143,17 +143,27 @@ class FineTuneModule(LightningModule):
         torch.manual_seed(seed + (7_919 * (batch_idx % accumulate) if accumulate > 1 else 0))
         self.batches_done = batch_idx + 1  # (checkpoints are saved after the batch: it is done by then)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Optional[torch.Tensor]:
+    def on_train_start(self) -> None:
+        # (loss sum, items) of this process's micro-batches of the step, and of the epoch's steps (global)
+        self.step_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.epoch_totals = torch.zeros(2, dtype=torch.float64)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
         finite = bool(torch.isfinite(loss))  # (one host sync per step: the price of stopping at the bad step)
         if self.trainer.world_size > 1:  # every process takes the same decision, or the others hang in all-reduce
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
-            return loss
+            weight = self.task.loss_weight(batch)
+            self.step_totals += torch.stack([loss.detach().double() * weight, self.step_totals.new_tensor(weight)])
+            # The batch's sum: `on_before_optimizer_step` divides the gradients by the number of items of the
+            # whole step (all micro-batches, all processes), so a step's loss is the exact mean over its items.
+            return loss * weight
         if self.skip_nonfinite_batches:
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches))
-            return None  # Lightning skips the optimizer step
+            # Zero gradients, not None: every process still takes part in the gradient all-reduce.
+            return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
         examples = batch["index"].tolist()
         raise NonFiniteLossError(
             f"the training loss is {loss.item() if not torch.isfinite(loss) else 'not finite in another process'} at "
@@ -161,6 +171,25 @@ class FineTuneModule(LightningModule):
             f"{batch_idx}; examples {examples[:16]}{'...' if len(examples) > 16 else ''}, 0-based rows of "
             "data.train_file). Lower the learning rate, check those rows, or set model.skip_nonfinite_batches: true"
         )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The gradients hold the sum of item losses' gradients, divided by Lightning (accumulate_grad_batches)
+        # and by DDP/FSDP (their mean over processes): rescale them to the mean over the step's items.
+        totals = self.step_totals
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals.clone(), reduce_op="sum")
+        loss_sum, items = totals.tolist()
+        self.step_totals.zero_()
+        parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not items:  # every batch of the step was skipped: no update at all (optimizers skip grad None)
+            for p in parameters:
+                p.grad = None
+            return
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / items
+        for p in parameters:
+            p.grad.mul_(scale)
+        self.epoch_totals += torch.tensor([loss_sum, items], dtype=torch.float64)
+        self.log("train/loss", loss_sum / items, on_step=True, on_epoch=False, prog_bar=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
@@ -196,6 +225,10 @@ class FineTuneModule(LightningModule):
             self.print(f"epoch {self.current_epoch} {summary}")
 
     def on_train_epoch_end(self) -> None:
+        loss_sum, items = self.epoch_totals.tolist()
+        if items:  # the mean over the epoch's items (the steps' values are global already: sync_dist averages equals)
+            self.log("train/loss_epoch", loss_sum / items, sync_dist=True)
+        self.epoch_totals.zero_()
         self._log_metrics("train")
 
     def on_validation_epoch_end(self) -> None:

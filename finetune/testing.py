@@ -7,7 +7,7 @@
         report = check_task(MyTask(), rows, workdir=tmp_path)
         assert report.train_losses[-1] < report.train_losses[0]   # optional: it learns
 
-`check_task` builds a tiny backbone offline (a BERT, T5 or GPT-2 with a tokenizer trained on your
+`check_task` builds a tiny backbone offline (a BERT, T5, GPT-2 or Llama with a tokenizer trained on your
 rows, or any model directory you pass) and runs your task the way `finetune` runs it:
   1. the task's config rebuilds an equal task and is plain data (what checkpoints store);
   2. `finetune fit` for a few epochs, and in its first step, on real batches: `forward` -> `loss`
@@ -30,6 +30,7 @@ import math
 import os
 import subprocess
 import sys
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +44,20 @@ from finetune.columns import declared_columns
 from finetune.registry import build_task
 from finetune.task import Task
 
-Architecture = Literal["bert", "t5", "gpt2"]
-ARCHITECTURES = ("bert", "t5", "gpt2")
-SPECIAL_TOKENS = {  # the first id is padding in both styles
+Architecture = Literal["bert", "t5", "gpt2", "llama"]
+ARCHITECTURES = ("bert", "t5", "gpt2", "llama")
+SPECIAL_TOKENS = {  # the first id is padding in both BERT and BPE styles
     "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
     "bpe": ["<pad>", "</s>", "<s>", "<unk>"],
+    "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],  # as SmolLM2-Instruct: no pad token of its own
 }
+# SmolLM2-Instruct's ChatML template (with a shorter default system prompt).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 
 
 class ConformanceError(AssertionError):
@@ -65,10 +74,10 @@ class ConformanceReport:
 
 
 # --- tiny offline backbones ----------------------------------------------------------------------
-def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Literal["bert", "t5", "gpt2"],
-                   vocab_size: int = 400) -> None:
+def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Architecture, vocab_size: int = 400) -> None:
     """Train a small tokenizer on `corpus` and save it: BERT-style WordPiece with [CLS]/[SEP] and
-    sentence pairs, or byte-level BPE that appends `</s>` (T5 style) or not (GPT-2 style)."""
+    sentence pairs, or byte-level BPE that appends `</s>` (T5 style), or not (GPT-2 style), or that
+    has SmolLM2-Instruct's ChatML special tokens and chat template and no pad token (Llama style)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -93,12 +102,17 @@ def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Literal
         PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
                                 sep_token="[SEP]", mask_token="[MASK]", model_input_names=inputs).save_pretrained(path)
         return
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    chat = style == "llama"
+    tokenizer = Tokenizer(models.BPE(unk_token=None if chat else "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=not chat)
     tokenizer.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS["bpe"], initial_alphabet=alphabet))
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS["chatml" if chat else "bpe"], initial_alphabet=alphabet))
+    if chat:
+        PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                unk_token="<|endoftext|>", chat_template=CHATML_TEMPLATE).save_pretrained(path)
+        return
     if style == "t5":
         tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", bos_token="<s>",
@@ -114,6 +128,8 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
         BertModel,
         GPT2Config,
         GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
         T5Config,
         T5ForConditionalGeneration,
     )
@@ -128,10 +144,15 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
         model = T5ForConditionalGeneration(T5Config(
             vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
             pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
-    else:
+    elif architecture == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0))
+    else:  # SmolLM2's shape in miniature: grouped-query attention, tied embeddings, no pad token
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+            eos_token_id=2, pad_token_id=None))
     model.save_pretrained(path)
     return str(path)
 
@@ -265,7 +286,8 @@ def check_task(
 ) -> ConformanceReport:
     """Check `task` (an instance, a registered name or `{"class_path", "init_args"}`) on `rows` (its
     training data: a few dozen rows; validation uses them too, minus one when that makes the split
-    even). `backbone`: "bert", "t5" (encoder-decoder) or "gpt2" (decoder-only) builds a tiny one;
+    even). `backbone`: "bert", "t5" (encoder-decoder), "gpt2" or "llama" (decoder-only; the Llama has a
+    ChatML chat template) builds a tiny one;
     anything else is a model name or directory. `predict_rows` default to `rows` without targets.
     `processes` > 1 also checks evaluation and prediction under DDP (the task's module must be
     importable: a subprocess runs it). `extra_args` are appended to every `finetune` command."""
@@ -285,6 +307,7 @@ def check_task(
         _fail("config", "does not rebuild an equal task from its stored options")
     if config["class_path"].startswith("__main__."):
         _fail("config", "the task class is defined in __main__; define it in an importable module")
+    check_option_types(task)
     if not rows:
         raise ValueError("check_task needs some rows of data")
     inputs = {name for _, name in declared_columns(task, "predict")}
@@ -348,6 +371,27 @@ def check_task(
     return report
 
 
+def check_option_types(task: Task) -> None:
+    """The CLI must be able to type the task's options: an int option given a word is refused. (jsonargparse
+    cannot evaluate the annotations of some dataclasses written under `from __future__ import annotations`,
+    and then accepts any value.)"""
+    from jsonargparse import ArgumentParser
+
+    hints = typing.get_type_hints(type(task))
+    numeric = next((f.name for f in dataclasses.fields(task) if hints.get(f.name) is int), None)
+    if numeric is None:
+        return
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--task", type=Task)
+    wrong = {"class_path": task.config()["class_path"], "init_args": {numeric: "not a number"}}
+    try:
+        parser.parse_args(["--task", json.dumps(wrong)])
+    except Exception:  # (jsonargparse's ArgumentError: refused, as it must be)
+        return
+    _fail("config", f"the command line accepts {numeric}='not a number' for an int option: the CLI cannot "
+                    "resolve the option types (remove `from __future__ import annotations` from the task's module)")
+
+
 def _is_frozen(task: Task) -> bool:
     fields = dataclasses.fields(task)
     if not fields:
@@ -363,7 +407,12 @@ def _finetune(args: list[str], cwd: Path) -> None:
     # The subprocess must import the task as this process does.
     path = os.pathsep.join(p for p in sys.path if p)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
+                                text=True, timeout=600)
+    except subprocess.TimeoutExpired as err:  # (a process waiting for the others forever)
+        raise ConformanceError(f"`finetune {args[0]}` in several processes did not finish in {err.timeout} s: "
+                               f"does every process run the same collective operations?\n{err.stderr}") from err
     if result.returncode != 0:
         raise ConformanceError(f"`finetune {args[0]}` in several processes failed:\n{result.stderr[-4000:]}")
 

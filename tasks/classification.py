@@ -1,7 +1,5 @@
 """Text classification: single-label (softmax) or multi-label (sigmoid), single texts or pairs."""
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 

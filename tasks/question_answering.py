@@ -8,8 +8,6 @@ and, under DDP, across processes), `merge_predictions` with each window's n best
 official SQuAD evaluation script.
 """
 
-from __future__ import annotations
-
 import collections
 import json
 import re

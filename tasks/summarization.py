@@ -1,7 +1,5 @@
 """Summarization: document -> summary, scored with ROUGE-1/2/L/Lsum (the `rouge-score` package)."""
 
-from __future__ import annotations
-
 import re
 from dataclasses import dataclass
 

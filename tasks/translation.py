@@ -4,8 +4,6 @@ Rows are flat (`source`, `target` columns) or in the Hugging Face nested format
 `{"translation": {"en": ..., "de": ...}}` with `source_lang` / `target_lang`.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Optional
 

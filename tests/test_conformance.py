@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from postponed_annotations_task import PostponedAnnotations
 from test_question_answering import code_rows
 from torchmetrics import Metric, MetricCollection
 
@@ -29,9 +30,13 @@ BUILT_IN = {
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("decoder", [False, True], ids=["own-family", "llama"])
 @pytest.mark.parametrize("name", sorted(BUILT_IN))
-def test_built_in_task_passes_the_kit(name, tmp_path):
+def test_built_in_task_passes_the_kit(name, decoder, tmp_path):
+    """Every task on its usual family and on a decoder-only Llama (with a chat template, as instruct
+    models have): classification and QA heads on a decoder, generation through the template."""
     task, rows, backbone, options, epochs = BUILT_IN[name]
+    backbone = "llama" if decoder else backbone
     report = check_task(task, rows, workdir=tmp_path, backbone=backbone, epochs=epochs,
                         extra_args=["--model.optimizer.lr=0.01", "--model.lora.target_modules=all-linear", *options])
     assert report.train_losses[-1] < report.train_losses[0]
@@ -124,6 +129,7 @@ class UnusedHead(TextClassification):
     (NotADataclass(), r"Task.config: NotADataclass must be a @dataclass\(frozen=True\)"),
     (KeepsState(), r"Task.config: KeepsState must be a @dataclass\(frozen=True\)"),
     (ChangesItsArgument(), r"Task.config: does not rebuild an equal task"),
+    (PostponedAnnotations(), r"Task.config: the command line accepts cutoff='not a number' for an int option"),
     (MetricNotReset(), r"Task.metrics: metric 'seen' is .* after reset .* declare all state with `add_state`"),
     (PredictsTensors(), r"Task.predict: row .* is not JSON-serialisable"),
     (DetachedLoss(), r"Task.loss: has no gradient"),

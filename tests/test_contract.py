@@ -94,3 +94,24 @@ def test_checkpoints_are_checked_before_anything_loads(tmp_path):
     check_checkpoint(qa)  # no task named: the checkpoint's is used
     with pytest.raises(InputError, match=r"--ckpt_path: '.*missing.ckpt' does not exist"):
         check_checkpoint(str(tmp_path / "missing.ckpt"))
+
+
+def test_task_options_typed_on_the_command_line_are_checked_and_kept_as_typed(tiny_bert, capsys):
+    """The CLI types a task's options from its dataclass fields: a wrong type is refused, naming the option (not
+    accepted as garbage, as when jsonargparse cannot resolve the fields' annotations: `from __future__ import
+    annotations` in a task module). A value holding `: ` reads as YAML: JSON
+    keeps it a string."""
+    import yaml
+
+    from finetune.cli import main
+
+    common = ["fit", f"--model.backbone={tiny_bert}", "--model.task=Translation"]
+    with pytest.raises(SystemExit):
+        main([*common, "--model.task.max_source_length=abc"])
+    assert "max_source_length" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, "--model.task.prompt=Translate: {source}"])
+    assert "Parser key \"prompt\":\n          Expected a <class 'str'>" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*common, '--model.task.init_args={"prompt": "Translate: {source}"}', "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["task"]["init_args"]["prompt"] == "Translate: {source}"

@@ -99,3 +99,57 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes(tiny_ber
     assert torch.load(last, weights_only=True)["global_step"] == 3
     finetune("fit", *common, f"--ckpt_path={last}", cwd=tmp_path)
     assert torch.load(last, weights_only=True)["global_step"] == 16  # 2 epochs of 64 rows, 4 per step, 2 processes
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_a_nonfinite_loss_in_one_process_is_decided_in_all(tiny_bert, toy_files, tmp_path, skip):
+    """Skipping (or stopping on) a NaN loss seen by one process only: all processes take the same decision,
+    where a lone skip would leave the others waiting in the gradient all-reduce."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    args = ["fit", f"--model.backbone={tiny_bert}", '--model.task={"class_path": "nan_on_one_rank.NanOnOneRank"}',
+            f"--data.train_file={toy_files['train']}", "--data.batch_size=16", "--trainer.max_epochs=1",
+            "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",
+            f"--model.skip_nonfinite_batches={str(skip).lower()}", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.logger=false"]
+    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)  # (a hang fails, not blocks)
+    if skip:
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert "the training loss is" in result.stderr and "at step 0" in result.stderr
+
+
+def test_a_step_loss_is_the_mean_over_all_its_target_tokens_however_the_work_is_split(tiny_gpt2, tmp_path):
+    """Token-level loss: one optimizer step over 16 examples whose targets run from 1 to 16 words gives the same
+    gradients (SGD with lr 1: the weight change is the gradient) and the same logged loss as one batch of 16,
+    as 4 accumulated micro-batches of 4 (length-grouped, so of very different token counts), and as 2 processes
+    x 8. A mean of per-batch means would weight the tokens of short batches more."""
+    import random
+
+    rng = random.Random(3)
+    words = [w for r in reversal_rows(40) for w in r["source"].split()]
+    rows = [{"source": " ".join(rng.sample(words, 3)), "target": " ".join(rng.choices(words, k=n))}
+            for n in range(1, 17)]
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    splits = {"one batch": ["--data.batch_size=16"],
+              "accumulated": ["--data.batch_size=4", "--trainer.accumulate_grad_batches=4"],
+              "two processes": ["--data.batch_size=8", "--trainer.devices=2", "--trainer.strategy=ddp"]}
+    weights, losses = {}, {}
+    for name, split in splits.items():
+        root = tmp_path / name.replace(" ", "-")
+        finetune("fit", f"--model.backbone={tiny_gpt2}", "--model.task=Translation", "--model.lora=null",
+                 "--model.optimizer=torch.optim.SGD", "--model.optimizer.lr=1.0", f"--data.train_file={train}",
+                 "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+                 "--seed_everything=0", "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={root}",
+                 "--trainer.log_every_n_steps=1", f"--trainer.default_root_dir={root}", *split, cwd=tmp_path)
+        checkpoint = sorted(root.rglob("*.ckpt"))[0]
+        weights[name] = torch.load(checkpoint, weights_only=True)["state_dict"]
+        (path,) = root.rglob("metrics.csv")
+        (losses[name],) = [float(r["train/loss"]) for r in csv.DictReader(path.open()) if r.get("train/loss")]
+    reference = weights.pop("one batch")
+    for name, state in weights.items():
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
+        assert losses[name] == pytest.approx(losses["one batch"], rel=1e-6), name

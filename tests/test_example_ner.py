@@ -238,13 +238,14 @@ def test_the_core_checks_the_tokens_as_words_and_reads_the_tags_only_with_target
 
 # --- the conformance kit ---------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_ner_passes_the_conformance_kit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone", ["bert", "llama"])  # an encoder, and a token-classification head on a decoder
+def test_ner_passes_the_conformance_kit(backbone, tmp_path, monkeypatch):
     from finetune.testing import check_task
 
     monkeypatch.syspath_prepend(str(EXAMPLE))  # (the kit's subprocesses import the task from sys.path)
     rows = read_jsonl(EXAMPLE / "data" / "train.jsonl")[:24]
     # (every weight trained: LoRA alone learns slowly on the kit's random tiny BERT, whose embeddings stay frozen)
-    report = check_task(TokenClassification(), rows, workdir=tmp_path, backbone="bert", processes=2, epochs=8,
+    report = check_task(TokenClassification(), rows, workdir=tmp_path, backbone=backbone, processes=2, epochs=8,
                         extra_args=["--model.optimizer.lr=0.003", "--model.lora=null"])
     print(report.train_losses, report.metrics, report.metrics_by_processes[2])
     assert report.train_losses[-1] < report.train_losses[0]

@@ -35,7 +35,7 @@ def batch_of(module, rows, with_targets=True):
     return task.collate([{k: v[i] for k, v in features.items()} | {"index": i} for i in range(len(rows))], tokenizer)
 
 
-@pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_gpt2"])
+@pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_gpt2", "tiny_llama"])  # (the Llama with its chat template)
 def test_both_families_learn_to_reverse_and_predict(backbone, request, tmp_path):
     path = request.getfixturevalue(backbone)
     rows = reversal_rows()
@@ -195,10 +195,12 @@ def test_nested_translation_format_gives_the_same_features(tiny_t5):
         torch.testing.assert_close(batch_of(a, flat)[key], batch_of(b, nested)[key])
 
 
-def test_source_prefix_is_prepended(tiny_t5):
-    module = module_for(tiny_t5, source_prefix="reverse: ")
-    batch = batch_of(module, [{"source": "good", "target": "good"}])
-    assert module.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).strip() == "reverse: good"
+def test_the_prompt_template_fills_in_the_source_and_other_columns(tiny_t5):
+    module = module_for(tiny_t5, prompt="reverse {mood}: {source}")
+    batch = batch_of(module, [{"source": "good", "target": "good", "mood": "sad"}])
+    assert module.tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True).strip() == "reverse sad: good"
+    with pytest.raises(InputError, match=r"prompt: 'reverse \{mood\}: \{source\}' names \{mood\}, which is neither"):
+        batch_of(module, [{"source": "good", "target": "good"}])
 
 
 def test_default_lora_targets_per_family(tiny_t5, tiny_gpt2, tmp_path):
@@ -248,3 +250,46 @@ def test_ready_configs_parse(name, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])
     assert f"class_path: tasks.{name}.{name.title()}" in capsys.readouterr().out
+
+
+# --- chat templates (instruct models) --------------------------------------------------------------
+def test_a_chat_template_makes_the_prompt_the_user_turn_and_the_loss_the_reply_and_its_end_of_turn(tiny_llama):
+    module = module_for(tiny_llama, prompt="Reverse: {source}", system_prompt="Be brief.")
+    task, tokenizer = module.task, module.tokenizer
+    assert (task.decoder_only, task.chat_template, task.stop_token) == (True, True, "<|im_end|>")
+    batch = batch_of(module, [{"source": "good cat", "target": "cat good"}, {"source": "a", "target": "dog sat"}])
+    prompt = tokenizer.decode(batch["prompt_ids"][0][batch["prompt_attention_mask"][0].bool()])
+    assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReverse: good cat<|im_end|>\n"
+                      "<|im_start|>assistant\n")
+    for row, reply in enumerate(["cat good", "dog sat"]):
+        in_loss = batch["labels"][row][batch["labels"][row] != -100]
+        assert tokenizer.decode(in_loss) == reply + "<|im_end|>"  # the stop token is trained, the prompt is not
+        # the sequence the loss is on is what the template renders for the whole conversation
+        rendered = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "Be brief."},
+             {"role": "user", "content": f"Reverse: {['good cat', 'a'][row]}"},
+             {"role": "assistant", "content": reply}], tokenize=False)
+        sequence = batch["input_ids"][row][batch["attention_mask"][row].bool()]
+        assert rendered.startswith(tokenizer.decode(sequence))
+        assert rendered[len(tokenizer.decode(sequence)):] == "\n"  # only the template's newline after the stop token
+
+
+def test_chat_template_can_be_switched_off_and_is_refused_where_it_cannot_apply(tiny_llama, tiny_gpt2, tiny_t5):
+    plain = module_for(tiny_llama, chat_template=False)
+    batch = batch_of(plain, [{"source": "good cat", "target": "cat good"}])
+    assert plain.tokenizer.decode(batch["prompt_ids"][0]) == "good cat\n"
+    assert module_for(tiny_gpt2).task.chat_template is False  # a base model: no template, today's format
+    with pytest.raises(InputError, match=r"chat_template: the tokenizer of .* has no chat template \(a base model\)"):
+        module_for(tiny_gpt2, chat_template=True)
+    with pytest.raises(InputError, match=r"chat_template: an encoder-decoder backbone"):
+        module_for(tiny_t5, chat_template=True)
+    with pytest.raises(InputError, match=r"stop_token: '<\|nope\|>' is not a token of"):
+        module_for(tiny_llama, stop_token="<|nope|>")
+
+
+def test_a_template_that_does_not_render_prompt_then_reply_stops_before_training(tiny_llama):
+    module = module_for(tiny_llama, stop_token="<|im_start|>")  # not what the template ends a turn with
+    with pytest.raises(InputError, match=r"chat template of .* renders the row with prompt 'good cat' and reply 'cat "
+                                         r"good' as tokens that are not the prompt's, then the reply's and the stop "
+                                         r"token '<\|im_start\|>' \(they differ at token \d+: '<\|im_end\|>"):
+        batch_of(module, [{"source": "good cat", "target": "cat good"}])

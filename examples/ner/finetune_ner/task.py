@@ -9,8 +9,6 @@ The tokenizer splits words into sub-word tokens; a word's tag trains its first t
 them, `label_all_subtokens`) and the tag predicted for a word is the one at its first token.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -109,8 +107,10 @@ class TokenClassification(Task):
         return list(rows[self.tokens_column]) if split == "predict" else None
 
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
-        encoded = tokenizer(examples[self.tokens_column], is_split_into_words=True, truncation=True,
-                            max_length=self.max_length)
+        # Words after the first get their space back: byte-level BPE (GPT-2, Llama 3, SmolLM) would otherwise
+        # spell `Paris` as an unspaced fragment it rarely saw in pretraining; BERT's tokenizer drops the space.
+        words = [[word if i == 0 else " " + word for i, word in enumerate(row)] for row in examples[self.tokens_column]]
+        encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_length)
         features = {key: encoded[key] for key in MODEL_INPUTS if key in encoded}
         features["word_ids"] = [[NO_WORD if word is None else word for word in encoded.word_ids(i)]
                                 for i in range(len(encoded["input_ids"]))]

@@ -1,0 +1,13 @@
+"""A task module under `from __future__ import annotations`, whose options the CLI cannot type
+(tests/test_conformance.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.task import Task
+
+
+@dataclass(frozen=True)
+class PostponedAnnotations(Task):
+    cutoff: int = 1
