@@ -52,7 +52,9 @@ def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool =
         shutil.rmtree(out / "adapter", ignore_errors=True)
         # Name the base model as the user did (a hub name), not where it was found on this machine.
         model.peft_config["default"].base_model_name_or_path = module.backbone
-        model.save_pretrained(out / "adapter")
+        # finetune never resizes the vocabulary, so the embeddings are the backbone's: PEFT's "auto" would look
+        # the base model up on the Hub to find out (a network request, a warning offline).
+        model.save_pretrained(out / "adapter", save_embedding_layers=False)
         module.tokenizer.save_pretrained(out / "adapter")
         print(f"Wrote the LoRA adapter to {out / 'adapter'}")
     if merged:
