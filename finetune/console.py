@@ -7,6 +7,7 @@ here, each by its exact wording (`quiet_known_messages`); everything else they l
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -27,6 +28,14 @@ KNOWN_HARMLESS = [
     ("lightning.pytorch.utilities.rank_zero", "Loading `train_dataloader` to estimate number of stepping batches"),
     # datasets, before the reader fails: finetune's own message names the line and the cause.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
+]
+
+#: Deprecation warnings raised inside other libraries about their own use of a third one (the fix is theirs):
+KNOWN_HARMLESS_WARNINGS = [
+    # PEFT's get_peft_model reads transformers' deprecated `is_gradient_checkpointing` (peft 0.21, transformers 5.2x).
+    r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
+    # Lightning's pytree helpers use torch's deprecated `LeafSpec` check (lightning 2.6, torch 2.13).
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
 ]
 
 
@@ -67,6 +76,8 @@ def quiet_known_messages() -> None:
     if not any(isinstance(f, DropMissingOnlyLoadReport) for f in modeling.filters):
         modeling.addFilter(DropMissingOnlyLoadReport())
     transformers.utils.logging.disable_progress_bar()
+    for message in KNOWN_HARMLESS_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
 
 
 RICH = bool(RequirementCache("rich"))
