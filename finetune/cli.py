@@ -72,7 +72,7 @@ def run(args: Optional[list[str]] = None) -> LightningCLI:
             # a kill while saving keeps the previous checkpoint (as config, so that config.yaml records it)
             "plugins": [{"class_path": "finetune.checkpointing.AtomicCheckpointIO"}],
         },
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION, "allow_abbrev": False},  # `--trainer.max_epoch` is a typo
         parser_class=FineTuneParser,
     )
 

@@ -195,6 +195,12 @@ def test_unknown_top_level_key_gets_a_did_you_mean(tmp_path, capsys, where):
     assert "trainr.max_epochs: unknown key. Did you mean 'trainer.max_epochs'?" in capsys.readouterr().err
 
 
+def test_an_abbreviated_option_is_a_typo_not_a_guess(capsys):
+    with pytest.raises(SystemExit):  # (argparse would take it as --trainer.max_epochs and run a whole epoch)
+        main(["fit", "--config", CONFIG, "--trainer.max_epoch", "1"])
+    assert "trainer.max_epoch: unknown key. Did you mean 'trainer.max_epochs'?" in capsys.readouterr().err
+
+
 def test_a_json_error_is_reported_once_by_finetune(tiny_bert, files, tmp_path, capfd):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "label": "x"}\n{"text": "b\\ud800", "label": "y"}\n{"text": "c" "label": "y"}\n')
