@@ -20,9 +20,9 @@ if TYPE_CHECKING:
 DESCRIPTION = """Fine-tune Hugging Face models with LoRA.
 
 Also: `finetune tasks` lists the registered tasks; `finetune export --ckpt_path C --output_dir D`
-writes a PEFT adapter and a merged model from a checkpoint."""
+writes a PEFT adapter and a merged model from a checkpoint; `finetune serve --ckpt_path C` serves it over HTTP."""
 
-USAGE = """usage: finetune [-h] {fit,validate,test,predict,tasks,export} ...
+USAGE = """usage: finetune [-h] {fit,validate,test,predict,tasks,export,serve} ...
 
 Fine-tune Hugging Face models with LoRA.
 
@@ -34,6 +34,9 @@ commands:
   tasks      list the registered tasks and the packages they come from
   export     write a PEFT adapter and a merged model from a checkpoint
              (finetune export --ckpt_path CKPT --output_dir DIR)
+  serve      an HTTP server (LitServe): POST /predict, GET /health and, for generation
+             tasks, the OpenAI chat API; several LoRA adapters on one base model
+             (finetune serve --ckpt_path CKPT [--adapter NAME=CKPT ...]; pip install 'finetune[serve]')
 
 Every option of the model, the data and the Trainer is a flag and a config key; to see them:
   finetune fit --help
@@ -85,6 +88,10 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         if argv[:1] == ["tasks"]:
             print_tasks()
+        elif argv[:1] == ["serve"]:
+            from finetune.serve import main as serve
+
+            serve(argv[1:])
         elif argv[:1] == ["export"]:
             from jsonargparse import CLI
 
