@@ -740,7 +740,10 @@ if ls is not None:
 
         def predict(self, requests: Any) -> Any:
             if self.max_batch_size == 1:  # (LitServe passes one request, unbatched)
-                return self.predict([requests])[0]
+                return self.answer([requests])[0]
+            return self.answer(requests)
+
+        def answer(self, requests: list) -> list:
             items = [item for _, rows in requests for item in rows]
             predictions = self.served.predict(items)
             answers, start = [], 0

@@ -225,8 +225,9 @@ def test_load_of_32_concurrent_clients_with_mixed_adapters(server, adapters):
     assert seconds < 90
 
 
-def test_api_key_is_required_when_set(adapters, tmp_path):
-    server = Server([f"--ckpt_path={adapters['ckpts']['sentiment']}", "--api_key=secret-key-1"], tmp_path / "log")
+def test_api_key_is_required_when_set(adapters, tmp_path):  # (and unbatched: --max_batch_size 1)
+    server = Server([f"--ckpt_path={adapters['ckpts']['sentiment']}", "--api_key=secret-key-1",
+                     "--max_batch_size=1"], tmp_path / "log")
     try:
         status, answer = request(server.port, "POST", "/predict", {"text": "good"})
         assert status == 401 and "API key" in answer["detail"]
