@@ -225,7 +225,8 @@ def test_kill_resume_benchmark_handles_a_kill_before_the_first_checkpoint(tmp_pa
 
 # --- 16. the console ------------------------------------------------------------------------------
 
-NOISE = ["Warning", "deprecated", "warnings.warn", "GPU available", "TPU available", "litlogger", "litmodels", "LOAD REPORT", "Loading weights",
+NOISE = ["Warning", "deprecated", "warnings.warn",
+         "GPU available", "TPU available", "litlogger", "litmodels", "LOAD REPORT", "Loading weights",
          "Loading `train_dataloader`", "Generating train split", "FLOPs", "v_num", "tensorboardX",
          "exists and is not empty", "dirpath has changed", "custom batch sampler", "weights_only", "Traceback"]
 
