@@ -281,7 +281,8 @@ def chat_model(tiny_llama, tmp_path_factory):
     train = write_jsonl(root / "train.jsonl", rows * 4)
     run(["fit", f"--model.backbone={tiny_llama}", "--model.task=Translation", f"--data.train_file={train}",
          "--model.optimizer.lr=0.01", "--data.batch_size=8", "--trainer.max_epochs=12", "--seed_everything=0",
-         "--model.lora=null", "--model.task.generation.max_new_tokens=12", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+         "--model.lora=null", "--model.task.generation.max_new_tokens=12", "--trainer.enable_progress_bar=false",
+         "--trainer.logger=false",
          f"--trainer.default_root_dir={root}"])
     (ckpt,) = root.rglob("*.ckpt")
     sources = [r["source"] for r in rows]
