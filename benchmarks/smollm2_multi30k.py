@@ -15,16 +15,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import subset
 
 from finetune.cli import run
 
 PROMPT = "Translate this English sentence into German: {source}"
-
-
-def subset(src: Path, dst: Path, n: int) -> str:
-    lines = src.read_text(encoding="utf-8").splitlines()[:n]
-    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(dst)
 
 
 def peak_rss_gb() -> float:

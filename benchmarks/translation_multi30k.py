@@ -16,16 +16,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from common import subset
 
 from finetune.cli import run
 from finetune.data import DataModule
 from finetune.module import FineTuneModule
-
-
-def subset(src: Path, dst: Path, n: int) -> str:
-    lines = src.read_text(encoding="utf-8").splitlines()[:n]
-    dst.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return str(dst)
 
 
 def throughput(ckpt: str, val_file: str, beams: int) -> float:
