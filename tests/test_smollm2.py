@@ -73,4 +73,3 @@ def test_classification_head_on_the_decoder_trains_and_is_saved_with_the_adapter
     saved = set(checkpoint["state_dict"])
     assert any("score" in key and "modules_to_save" in key for key in saved)  # the head, in full
     assert any("lora_A" in key and "q_proj" in key for key in saved)  # PEFT's default targets for Llama
-    assert 0 <= float(cli.trainer.callback_metrics["val/accuracy"]) <= 1
