@@ -114,6 +114,17 @@ def main(args: Optional[list[str]] = None) -> None:
         print(f"finetune: error: refusing to load a checkpoint that holds pickled Python objects, which "
               f"could run code: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Joins the process group's worker threads while the interpreter is whole. Gloo's (CPU runs) still
+    alive at interpreter exit abort the process ("terminate called without an active exception", exit -6)
+    after a run that succeeded; Lightning destroys the group at exit for NCCL only."""
+    distributed = sys.modules.get("torch.distributed")  # not imported: no group (and `--help` stays light)
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

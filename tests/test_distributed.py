@@ -153,3 +153,15 @@ def test_a_step_loss_is_the_mean_over_all_its_target_tokens_however_the_work_is_
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, rtol=0, atol=1e-6, msg=f"{name}: {key}")
         assert losses[name] == pytest.approx(losses["one batch"], rel=1e-6), name
+
+
+def test_the_command_ends_its_process_group(tmp_path):
+    """Gloo's worker threads alive at interpreter exit abort a process whose run succeeded (exit -6,
+    "terminate called without an active exception"); the command joins them before it returns."""
+    import torch.distributed as dist
+
+    from finetune.cli import main
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    main(["tasks"])
+    assert not dist.is_initialized()
