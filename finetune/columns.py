@@ -65,6 +65,10 @@ def value_problem(column: Column, value: Any) -> Optional[str]:
             return f"word {bad} is not a word: {value[bad]!r:.40}"
     elif column.kind == "record" and not isinstance(value, dict):
         return f"must hold an object {{...}}, got {value_kind(value)}: {value!r:.60}"
+    elif column.kind == "messages":
+        if not isinstance(value, (list, str)) or not (value if isinstance(value, list) else value.strip()):
+            return (f"must hold a conversation, a list of messages {{\"role\": ..., \"content\": ...}} (or a text), "
+                    f"got {value_kind(value) if value else 'an empty one'}: {value!r:.60}")
     return None
 
 

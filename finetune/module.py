@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from typing import Any, Literal, Optional, Union
@@ -80,6 +81,7 @@ class FineTuneModule(LightningModule):
         self.task = task.with_options(**task.backbone_options(self.backbone_config, self.tokenizer))
         self._store_plain_hparams()
         self.model: Optional[nn.Module] = None
+        self.reference_model: Optional[nn.Module] = None  # (a frozen copy, for a task comparing to the reference)
         self.metrics = nn.ModuleDict()
         # Only what is trained goes into checkpoints; the frozen backbone comes from `backbone`.
         self.strict_loading = False
@@ -105,6 +107,9 @@ class FineTuneModule(LightningModule):
             present = {name for name, _ in model.named_modules()}
             heads = [h for h in self.task.head_modules if any(n == h or n.endswith("." + h) for n in present)]
             model = apply_lora(model, self.lora, sorted(set(heads) | new_modules))
+        if self.task.compares_to_reference and self.lora is None:
+            # (with LoRA the reference is the model with its adapter switched off: no second copy)
+            self.reference_model = copy.deepcopy(model).requires_grad_(False).eval()
         model.train()  # from_pretrained returns eval mode, which would switch dropout off
         self.model = model
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in ("val", "test")})
@@ -127,13 +132,26 @@ class FineTuneModule(LightningModule):
         return self.task.computes_metrics(split, self.current_epoch if fitting else None)
 
     def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        outputs = self.task.forward(self.model, batch)
+        outputs = self.task_outputs(batch)
         loss = self.task.loss(outputs, batch)
         if self.computes_metrics(stage):
             self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model, self.tokenizer)
         if stage != "train":  # exact mean over the split, weighted by what each batch's loss averages over
             self.losses[f"{stage}_loss"].update(loss.detach(), self.task.loss_weight(batch))
         return loss
+
+    def task_outputs(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The task's `forward` on the model; paired with the reference's when the task compares to it."""
+        outputs = self.task.forward(self.model, batch)
+        return (outputs, self.reference_outputs(batch)) if self.task.compares_to_reference else outputs
+
+    def reference_outputs(self, batch: dict[str, torch.Tensor]) -> Any:
+        """The task's `forward` on the backbone as it was before training, without gradients."""
+        with torch.no_grad():
+            if self.reference_model is not None:
+                return self.task.forward(self.reference_model, batch)
+            with self.model.disable_adapter():  # (PEFT: the base model, heads as loaded)
+                return self.task.forward(self.model, batch)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout masks depend on (seed, step, micro-batch, process) only, so a run resumed from any

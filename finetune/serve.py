@@ -148,7 +148,7 @@ def chat_problem(task: Any) -> Optional[str]:
     if len(columns) != 1:
         return f"{type(task).__name__} reads {len(columns)} columns, not one text or one conversation"
     column, name = columns[0]
-    if column.kind != "text" and name != getattr(task, "messages_column", None):
+    if column.kind not in ("text", "messages"):
         return f"the column {name!r} is neither a text nor a conversation"
     prompt = getattr(task, "prompt", None)
     if column.kind == "text" and isinstance(prompt, str):
@@ -448,7 +448,7 @@ def chat_row(task: Any, messages: list[dict]) -> dict[str, Any]:
     from finetune.columns import declared_columns
 
     ((column, name),) = declared_columns(task, "predict")
-    if name == getattr(task, "messages_column", None):
+    if column.kind == "messages":
         return {name: [{"role": m["role"], "content": m["content"]} for m in messages]}
     user = [m["content"] for m in messages if m.get("role") == "user"]
     if not user:

@@ -34,8 +34,9 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 #: What a column holds, which the core checks before any hook sees the rows:
 #:   text: a non-empty string; words: a non-empty list of non-empty strings; id: any value but null;
-#:   label: any value but null (the task checks the label set); record: an object {...}.
-ColumnKind = Literal["text", "words", "id", "label", "record"]
+#:   label: any value but null (the task checks the label set); record: an object {...};
+#:   messages: a conversation, a list of {role, content} messages, or a text (the task checks the turns).
+ColumnKind = Literal["text", "words", "id", "label", "record", "messages"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class Task:
     head_modules: ClassVar[tuple[str, ...]] = ()
     #: {feature key: option holding its token limit}: the core reports examples those limits cut short.
     length_limits: ClassVar[dict[str, str]] = {}
+    #: The loss compares the model with the backbone as it was before training (preference tuning): the core
+    #: also runs `forward` on that reference, without gradients (the LoRA adapter switched off; with `lora: null`
+    #: a frozen copy), and `loss` and `update_metrics` receive `(outputs, reference_outputs)`.
+    compares_to_reference: ClassVar[bool] = False
 
     # --- what the task reads and which model it needs -----------------------------------------
     def columns(self) -> list[Column]:

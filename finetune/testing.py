@@ -187,20 +187,20 @@ class ContractChecks(Callback):
         if trainer.global_step > 0 or batch_idx > 0:
             return
         task, model, tokenizer = pl_module.task, pl_module.model, pl_module.tokenizer
-        check_loss(task, model, pl_module, batch)
+        check_loss(task, pl_module, batch)
         datamodule = trainer.datamodule
         model.eval()
         with torch.inference_mode():
             val_batch = trainer.strategy.batch_to_device(next(iter(datamodule.val_dataloader())))
-            check_metrics(task, model, tokenizer, val_batch, datamodule.contexts.get("val"))
+            check_metrics(task, pl_module, val_batch, datamodule.contexts.get("val"))
             datamodule.setup("predict")
             predict_batch = trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader())))
             check_predict(task, model, tokenizer, predict_batch, datamodule.contexts.get("predict"))
         model.train()
 
 
-def check_loss(task: Task, model: torch.nn.Module, module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    loss = task.loss(task.forward(model, batch), batch)
+def check_loss(task: Task, module: Any, batch: dict[str, torch.Tensor]) -> None:
+    loss = task.loss(module.task_outputs(batch), batch)
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         _fail("loss", f"must return a scalar tensor, got {type(loss).__name__} {getattr(loss, 'shape', '')}")
     if not torch.isfinite(loss):
@@ -222,17 +222,16 @@ def check_loss(task: Task, model: torch.nn.Module, module: torch.nn.Module, batc
         _fail("loss_weight", f"must be a positive count of what the loss averages over, got {weight!r}")
 
 
-def check_metrics(task: Task, model: torch.nn.Module, tokenizer: Any, batch: dict[str, torch.Tensor],
-                  context: Any) -> None:
+def check_metrics(task: Task, module: Any, batch: dict[str, torch.Tensor], context: Any) -> None:
     metrics = task.metrics("val", context)
     if not isinstance(metrics, (MetricCollection, Metric)):
         _fail("metrics", f"must return a torchmetrics MetricCollection, got {type(metrics).__name__}")
     if not task.computes_metrics("val", None):
         return
-    outputs = task.forward(model, batch)
+    outputs = module.task_outputs(batch)
 
     def computed() -> dict[str, torch.Tensor]:
-        task.update_metrics(metrics, outputs, batch, model, tokenizer)
+        task.update_metrics(metrics, outputs, batch, module.model, module.tokenizer)
         values = metrics.compute()
         return values if isinstance(values, dict) else {"value": values}
 

@@ -129,7 +129,7 @@ class InstructionTuning(Task):
 
     def columns(self) -> list[Column]:
         if self.format == "messages":
-            return [Column("messages_column", "id")]  # (any value: `check_rows` checks the conversations)
+            return [Column("messages_column", "messages")]  # (`check_rows` checks the turns)
         if self.format == "prompt":  # (and the columns the prompt names: `check_rows`)
             return [Column("completion_column", target=True)]
         return [Column("text_column")]
