@@ -9,6 +9,8 @@ from peft.utils.other import fsdp_auto_wrap_policy
 from torch import nn
 from transformers import PreTrainedModel
 
+from finetune.errors import InputError
+
 
 class LoraWrapPolicy:
     """FSDP's wrapping policy read from the model it wraps (a callable policy, as FSDP accepts): each of
@@ -32,3 +34,9 @@ class LoraFSDPStrategy(FSDPStrategy):
 
     def __init__(self, *args: Any, auto_wrap_policy: Optional[Any] = None, **kwargs: Any) -> None:
         super().__init__(*args, auto_wrap_policy=auto_wrap_policy or LoraWrapPolicy(), **kwargs)
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cpu":  # (torch: "FSDP needs a non-CPU accelerator device", as a traceback)
+            raise InputError("trainer.strategy: FSDP shards the model over accelerator devices (GPUs) and torch "
+                             "refuses CPU processes; on CPUs use DDP (configs/strategies/ddp.yaml)")
+        super().setup_environment()

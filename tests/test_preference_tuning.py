@@ -238,3 +238,11 @@ def test_the_shared_pairs_read_check_and_encode(tiny_llama):
     with pytest.warns(UserWarning, match="pairs are longer than model.task.init_args.max_length=64"):
         batch = batch_of(task, FineTuneModule(tiny_llama, task, lora=None).tokenizer, rows[:8])
     assert batch["input_ids"].shape == (16, 64) and ((batch["labels"] != IGNORE).sum(-1) > 0).all()
+
+
+def test_the_chat_endpoint_serves_the_prompt_column():
+    from finetune.serve import chat_problem, chat_row
+
+    messages = [turn("system", "be brief"), turn("user", "hi")]
+    assert chat_problem(PreferenceTuning()) is None
+    assert chat_row(PreferenceTuning(prompt_column="question"), messages) == {"question": messages}

@@ -38,3 +38,14 @@ def test_fsdp_wraps_each_transformer_block_and_each_trainable_layer(tiny_bert):
     assert {name.split(".")[-2] for name, _ in leaves} >= {"lora_A", "lora_B"}
     assert any("classifier" in name for name, _ in leaves)
     assert not any(name.endswith("base_layer") for name, _ in wrapped)  # frozen weights stay in their block
+
+
+def test_fsdp_on_cpu_processes_is_refused_with_a_message(tiny_bert, toy_files, tmp_path):
+    """torch's FSDP refuses CPU processes ("FSDP needs a non-CPU accelerator device"), as a traceback from
+    inside FSDP's constructor; the strategy says so first, naming the setting."""
+    from finetune.errors import InputError
+
+    with pytest.raises(InputError, match="^trainer.strategy: FSDP shards the model over accelerator devices"):
+        run(["fit", "--config", str(REPO / "configs" / "strategies" / "fsdp.yaml"), f"--model.backbone={tiny_bert}",
+             "--model.task=TextClassification", f"--data.train_file={toy_files['train']}", "--trainer.accelerator=cpu",
+             "--trainer.devices=1", "--trainer.precision=32", f"--trainer.default_root_dir={tmp_path}"])
