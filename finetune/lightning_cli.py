@@ -216,5 +216,6 @@ def fit_summary(trainer: Trainer, config: Namespace) -> str:
         export_dir = os.path.join(os.path.dirname(os.path.dirname(chosen)), "export")
         lines += ["Next:",
                   f"  finetune predict{configs} --ckpt_path {chosen}{data}",
-                  f"  finetune export --ckpt_path {chosen} --output_dir {export_dir}"]
+                  f"  finetune export --ckpt_path {chosen} --output_dir {export_dir}",
+                  f"  finetune serve --ckpt_path {chosen}   # http://127.0.0.1:8000 (pip install 'finetune[serve]')"]
     return "\n".join(lines)
