@@ -3,7 +3,7 @@ classification head on the last real token) and MiniLM-L6, the same subset of ..
 budget (one epoch, batch size, LoRA r=8, learning rate). Validation accuracy before (the new head is random)
 and after, fit wall time and peak memory, each backbone in a fresh process.
 
-    python benchmarks/smollm2_sentiment.py --train_size 800 --val_size 500
+    python benchmarks/smollm2_sentiment.py --train_size 1600 --val_size 500
 """
 
 import argparse
@@ -68,7 +68,9 @@ def main() -> None:
         print(f"| {name} | {r['accuracy_before']} | {r['accuracy_after']} | {r['fit_wall_seconds']} | "
               f"{r['peak_rss_gb']} |")
     (Path(__file__).parent / "results").mkdir(exist_ok=True)
-    (Path(__file__).parent / "results" / "smollm2_sentiment.json").write_text(json.dumps(results, indent=2))
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "backbone")}
+    (Path(__file__).parent / "results" / "smollm2_sentiment.json").write_text(
+        json.dumps({"settings": {**settings, "epochs": 1}, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
