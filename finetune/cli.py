@@ -114,8 +114,27 @@ def main(args: Optional[list[str]] = None) -> None:
         print(f"finetune: error: refusing to load a checkpoint that holds pickled Python objects, which "
               f"could run code: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    except Exception as err:
+        cause = input_error_in(err)
+        if cause is None:
+            raise
+        print(f"finetune: error: {cause}", file=sys.stderr)
+        sys.exit(2)
     finally:
         end_process_group()
+
+
+def input_error_in(err: BaseException) -> Optional[InputError]:
+    """The InputError behind `err`: jsonargparse re-raises what an option's constructor raised (e.g. a LoRA rank
+    of 0) as its own error."""
+    seen: set[int] = set()
+    found: Optional[BaseException] = err
+    while found is not None and id(found) not in seen:
+        if isinstance(found, InputError):
+            return found
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    return None
 
 
 def end_process_group() -> None:

@@ -2,12 +2,14 @@
 task learns or needs is returned; checkpoints and options are checked before any work starts."""
 
 import dataclasses
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from finetune.checkpointing import check_checkpoint
+from finetune.cli import main
 from finetune.columns import declared_columns
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
@@ -59,9 +61,15 @@ def test_evaluation_without_a_label_set_is_named():
     ({"r": 0}, r"model.lora.r: the LoRA rank must be at least 1, got 0"),
     ({"dropout": 1.5}, r"model.lora.dropout: must be in \[0, 1\)"),
 ])
-def test_bad_lora_settings_name_the_key(settings, message):
+def test_bad_lora_settings_name_the_key(settings, message, tiny_bert, capsys):
     with pytest.raises(InputError, match=message):
         LoraSettings(**settings)
+    # through the command: jsonargparse re-raises the constructor's error as its own; finetune finds it
+    options = [f"--model.lora.{key}={value}" for key, value in settings.items()]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", f"--model.backbone={tiny_bert}", "--model.task=TextClassification", *options])
+    assert exit_.value.code == 2
+    assert re.match("finetune: error: " + message, capsys.readouterr().err)
 
 
 def test_bad_batch_size_is_named():
