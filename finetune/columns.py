@@ -67,7 +67,7 @@ def value_problem(column: Column, value: Any) -> Optional[str]:
         return f"must hold an object {{...}}, got {value_kind(value)}: {value!r:.60}"
     elif column.kind == "messages":
         if not isinstance(value, (list, str)) or not (value if isinstance(value, list) else value.strip()):
-            return (f"must hold a conversation, a list of messages {{\"role\": ..., \"content\": ...}} (or a text), "
+            return (f"must hold a conversation: a non-empty list of messages {{\"role\": ..., \"content\": ...}}, "
                     f"got {value_kind(value) if value else 'an empty one'}: {value!r:.60}")
     return None
 

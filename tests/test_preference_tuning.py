@@ -246,3 +246,14 @@ def test_the_chat_endpoint_serves_the_prompt_column():
     messages = [turn("system", "be brief"), turn("user", "hi")]
     assert chat_problem(PreferenceTuning()) is None
     assert chat_row(PreferenceTuning(prompt_column="question"), messages) == {"question": messages}
+
+
+def test_the_core_checks_the_conversation_column_first(tmp_path):
+    from finetune.columns import check_columns
+
+    good = {"prompt": [turn("user", "hi")], "chosen": "good", "rejected": "bad"}
+    path = write_jsonl(tmp_path / "train.jsonl", [good, {**good, "prompt": []}])
+    where = "data.train_file (train.jsonl)"
+    with pytest.raises(InputError, match=re.escape(f"{where}, row 2: column 'prompt' must hold a conversation: a "
+                                                   "non-empty list of messages")):
+        check_columns(PreferenceTuning(), read_data_file(path, where, []), "train", where)
