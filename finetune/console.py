@@ -36,6 +36,9 @@ KNOWN_HARMLESS_WARNINGS = [
     r"`is_gradient_checkpointing` is deprecated and will be removed in v6",
     # Lightning's pytree helpers use torch's deprecated `LeafSpec` check (lightning 2.6, torch 2.13).
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # ModelCheckpoint, when `--ckpt_path` comes from another run's directory: every command writes to a run
+    # directory of its own (validate, test, a resumed fit), so the checkpoint's directory always differs.
+    r"The dirpath has changed from .* won't be reloaded. Only `best_model_path` will be reloaded.",
 ]
 
 

@@ -258,10 +258,13 @@ def test_a_clean_fit_then_predict_print_only_what_a_user_needs(tiny_bert, files,
         assert f"finetune predict --config {CONFIG} --ckpt_path {best}" in console
         assert f"finetune export --ckpt_path {best} --output_dir {tmp_path / version / 'export'}" in console
         assert f"finetune serve --ckpt_path {best}   # http://127.0.0.1:8000" in console
+    console = run_quietly(["validate", *args[1:], f"--ckpt_path={best}"], cwd)  # (its own run directory)
+    assert "val/accuracy" in console
     console = run_quietly(["predict", *args[1:], f"--ckpt_path={best}"], cwd)
     assert "Wrote 6 predictions" in console
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "predictions.jsonl", "version_0", "version_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "predictions.jsonl", "version_0", "version_1",
+                                                         "version_2"]
     assert not any(cwd.iterdir())
 
 
