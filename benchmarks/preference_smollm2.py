@@ -89,7 +89,7 @@ def main() -> None:
                f"--trainer.logger.save_dir={work}"])
     fit_seconds = time.perf_counter() - fit_started
     after = cli.trainer.callback_metrics
-    (metrics_csv,) = work.rglob("metrics.csv")
+    (metrics_csv,) = (work / "lightning_logs").rglob("metrics.csv")  # (the CSV logger's; `validate` wrote its own)
     curve = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(metrics_csv.open()) if r["train/loss"]]
 
     memory = {}
