@@ -169,8 +169,13 @@ class PreferenceTuning(Task):
         else:
             raise InputError(f"model.task.init_args.prompt_column: the prompts are conversations, which need a chat "
                              f"template, and {tokenizer.name_or_path!r} has none or chat_template is false")
-        completion = len(tokenizer(reply, add_special_tokens=False)["input_ids"]) + 1  # (and the stop token)
+        completion = len(self.completion_ids(reply, tokenizer))
         return ids[:-completion], ids[-completion:]
+
+    def completion_ids(self, reply: str, tokenizer: Any) -> list[int]:
+        """A reply's tokens and the stop token, as instruction tuning tokenizes a reply (after its prompt)."""
+        stop = tokenizer.convert_tokens_to_ids(self.stop_token)
+        return tokenizer(reply, add_special_tokens=False)["input_ids"] + [stop]
 
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
         prompts = examples[self.prompt_column]
@@ -183,8 +188,9 @@ class PreferenceTuning(Task):
         features: dict[str, list] = {"input_ids": [], "chosen": [], "rejected": []}
         long = 0
         for prompt, chosen, rejected in zip(prompts, examples[self.chosen_column], examples[self.rejected_column]):
+            # (the chosen reply's rendering checks the template; the rejected one follows the same prompt)
             prompt_ids, chosen_ids = self.encode(prompt, reply_text(chosen), tokenizer)
-            _, rejected_ids = self.encode(prompt, reply_text(rejected), tokenizer)
+            rejected_ids = self.completion_ids(reply_text(rejected), tokenizer)
             longest = max(len(chosen_ids), len(rejected_ids))
             if len(prompt_ids) + longest > self.max_length:
                 long += 1
