@@ -6,6 +6,7 @@ needs them: `finetune --help` and `finetune tasks` answer without them.
 
 from __future__ import annotations
 
+import gc
 import pickle
 import sys
 import warnings
@@ -86,6 +87,16 @@ def main(args: Optional[list[str]] = None) -> None:
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         sys.exit(0 if argv else 2)
     try:
+        code = run_command(argv, args)
+    finally:
+        end_process_group()
+    if code:
+        sys.exit(code)
+
+
+def run_command(argv: list[str], args: Optional[list[str]]) -> int:
+    """Runs a command; the exit status of one that failed on an error the message explains, 0 otherwise."""
+    try:
         if argv[:1] == ["tasks"]:
             print_tasks()
         elif argv[:1] == ["serve"]:
@@ -104,24 +115,23 @@ def main(args: Optional[list[str]] = None) -> None:
             run(args)
     except InputError as err:  # the message says what to fix; a traceback would only bury it
         print(f"finetune: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except StoppedBySignal:  # last.ckpt is saved and the message says how to resume
-        sys.exit(0)
+        return 0
     except NonFiniteLossError as err:
         print(f"finetune: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refused a pickled object
         print(f"finetune: error: refusing to load a checkpoint that holds pickled Python objects, which "
               f"could run code: {str(err).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     except Exception as err:
         cause = input_error_in(err)
         if cause is None:
             raise
         print(f"finetune: error: {cause}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        end_process_group()
+        return 2
+    return 0
 
 
 def input_error_in(err: BaseException) -> Optional[InputError]:
@@ -138,11 +148,14 @@ def input_error_in(err: BaseException) -> Optional[InputError]:
 
 
 def end_process_group() -> None:
-    """Joins the process group's worker threads while the interpreter is whole. Gloo's (CPU runs) still
-    alive at interpreter exit abort the process ("terminate called without an active exception", exit -6)
-    after a run that succeeded; Lightning destroys the group at exit for NCCL only."""
+    """Ends the process group while the interpreter is whole. Gloo's worker threads still alive at interpreter
+    exit abort the process ("terminate called without an active exception", exit -6) after a run that
+    succeeded, or deadlock it (the DDP wrapper, kept by the traceback of an error the command reported, freed
+    at exit with the interpreter lock held while a worker waits for it); Lightning destroys the group at exit
+    for NCCL only."""
     distributed = sys.modules.get("torch.distributed")  # not imported: no group (and `--help` stays light)
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        gc.collect()  # the reported error's frames, and the DDP wrapper (its reducer holds the group) with them
         distributed.destroy_process_group()
 
 
