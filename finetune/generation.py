@@ -19,9 +19,8 @@ from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, PretrainedConfig
 
 from finetune.errors import InputError
+from finetune.target_tokens import IGNORE, target_tokens
 from finetune.task import Column, Task
-
-IGNORE = -100  # label id that cross-entropy skips
 
 
 @dataclass
@@ -235,17 +234,20 @@ class GenerationTask(Task):
 
     # --- model ---------------------------------------------------------------------------------
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> Any:
-        if self.decoder_only:
-            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        if self.decoder_only:  # the scores of the target tokens only (finetune/target_tokens.py)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+            return target_tokens(model, inputs, batch["labels"], vocab_mean=self.label_smoothing > 0)
         decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=batch["labels"])
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      decoder_input_ids=decoder_input_ids)
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, labels = outputs.logits, batch["labels"]
-        if self.decoder_only:  # position t predicts token t+1
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+        if self.decoder_only:  # cross-entropy, with torch's label smoothing: towards the uniform distribution
+            nll = -outputs.logps
+            if self.label_smoothing:
+                nll = (1 - self.label_smoothing) * nll - self.label_smoothing * outputs.vocab_mean_logps
+            return nll.sum() / max(len(nll), 1)
+        return F.cross_entropy(outputs.logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE,
                                label_smoothing=self.label_smoothing)
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
@@ -23,6 +22,7 @@ from finetune.columns import column_values
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.generation import IGNORE, GenerationSettings, GenerationTask, pad
+from finetune.target_tokens import TargetTokens, target_tokens
 from finetune.task import Column, Task
 
 ROLES = ("system", "user", "assistant")
@@ -43,13 +43,10 @@ class TokenScores(Metric):
         for name in ("nll", "correct", "tokens"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
-        keep = labels != IGNORE
-        logits, labels = logits[keep].float(), labels[keep]
-        self.nll += F.cross_entropy(logits, labels, reduction="none").double().sum()
-        self.correct += (logits.argmax(-1) == labels).sum()
-        self.tokens += len(labels)
+    def update(self, tokens: TargetTokens) -> None:
+        self.nll -= tokens.logps.detach().double().sum()
+        self.correct += tokens.correct.sum()
+        self.tokens += len(tokens.logps)
 
     def compute(self) -> dict[str, torch.Tensor]:
         tokens = self.tokens.clamp(min=1)
@@ -325,17 +322,15 @@ class InstructionTuning(Task):
                                               for row in rows])}
 
     # --- model ---------------------------------------------------------------------------------
-    def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> Any:
+    def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> TargetTokens:
         # (no cache: training needs none, and with one transformers does not read packed examples from the
         # position ids, so attention would cross them)
-        return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch},
-                     use_cache=False)
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        return target_tokens(model, {**inputs, "use_cache": False}, batch["labels"])
 
-    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, labels = outputs.logits[:, :-1], batch["labels"][:, 1:]  # position t predicts token t+1
-        keep = labels != IGNORE
+    def loss(self, outputs: TargetTokens, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # (a batch whose examples lost every reply to truncation has no target token: its loss is 0, of weight 0)
-        return F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum") / keep.sum().clamp(min=1)
+        return -outputs.logps.sum() / max(len(outputs.logps), 1)
 
     def loss_weight(self, batch: dict[str, torch.Tensor]) -> int:
         return int((batch["labels"][:, 1:] != IGNORE).sum())
@@ -345,7 +340,7 @@ class InstructionTuning(Task):
         return MetricCollection({} if split == "train" else {"tokens": TokenScores()})
 
     def update_metrics(self, metrics: MetricCollection, outputs: Any, batch: dict, model: Any, tokenizer: Any) -> None:
-        metrics.update(outputs.logits, batch["labels"])
+        metrics.update(outputs)
 
     def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
         return [{"generated_text": text} for text in self.generator.generate(model, batch, tokenizer)]

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.generation import IGNORE, GenerationSettings, pad
+from finetune.target_tokens import target_tokens
 from finetune.task import Column, Task
 from tasks.instruction_tuning import InstructionTuning, conversation_problem
 
@@ -67,14 +68,6 @@ def completion_problem(value: Any) -> Optional[str]:
 
 def reply_text(value: Any) -> str:
     return value if isinstance(value, str) else value[0]["content"]
-
-
-def completion_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The log-probability of each sequence's labelled tokens (its completion), summed per sequence."""
-    logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
-    keep = labels != IGNORE
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (token_logps * keep).sum(-1)
 
 
 @dataclass(frozen=True)
@@ -219,8 +212,8 @@ class PreferenceTuning(Task):
     # --- model ---------------------------------------------------------------------------------
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each sequence's completion log-probability (the core runs this on the model and on its reference)."""
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return completion_logps(logits, batch["labels"])
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        return target_tokens(model, inputs, batch["labels"]).per_row(len(batch["labels"]))
 
     def log_ratios(self, outputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen, rejected) log-probability ratios of the model to its reference, per pair."""

@@ -82,10 +82,10 @@ def test_every_assistant_reply_and_its_end_of_turn_are_the_loss_and_nothing_else
     length = int(batch["attention_mask"][1].sum())
     assert (batch["labels"][1, length:] == IGNORE).all() and batch["labels"][1, length - 1] == stop
     assert task.loss_weight(batch) == len(in_loss) + len(tokenizer("lamp", add_special_tokens=False)["input_ids"]) + 1
-    outputs = task.forward(module.model, batch)
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     keep = batch["labels"][:, 1:] != IGNORE
-    by_hand = F.cross_entropy(outputs.logits[:, :-1][keep], batch["labels"][:, 1:][keep])
-    torch.testing.assert_close(task.loss(outputs, batch), by_hand)
+    by_hand = F.cross_entropy(logits[:, :-1][keep], batch["labels"][:, 1:][keep])
+    torch.testing.assert_close(task.loss(task.forward(module.model, batch), batch), by_hand)
 
 
 def test_predict_prompts_end_with_the_generation_prompt_after_the_last_user_turn(tiny_llama):
@@ -149,9 +149,7 @@ def test_raw_text_becomes_windows_that_predict_every_token_but_the_first_once(ti
 
 def per_token_losses(task, model, batch) -> torch.Tensor:
     """The cross-entropy of every target token, in row-major order (examples in order, packed or not)."""
-    logits, labels = task.forward(model, batch).logits[:, :-1], batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    return F.cross_entropy(logits[keep], labels[keep], reduction="none")
+    return -task.forward(model, batch).logps
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
