@@ -71,8 +71,8 @@ def test_prompt_and_padding_are_excluded_from_the_decoder_only_loss(tiny_gpt2):
 
     loss = module.task.loss(module.task.forward(module.model, batch), batch)
     # the same loss by hand: mean cross-entropy of the target tokens only
-    logits, labels = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1], \
-        batch["labels"][:, 1:]
+    logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
     keep = labels != -100
     torch.testing.assert_close(loss, F.cross_entropy(logits[keep], labels[keep]))
     # and with label smoothing, torch's
