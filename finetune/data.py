@@ -36,8 +36,8 @@ class DataModule(LightningDataModule):
         dataset: a Hugging Face dataset name (or a local dataset dir), used for the splits that have no
             file; `dataset_config` picks its configuration, `dataset_splits` maps train/val/test/predict
             to its split names.
-        batch_size: examples per training batch; `eval_batch_size` for the other stages (default: twice
-            `batch_size`, since no gradients are kept).
+        batch_size: examples per training batch (rows, for a task that packs examples into rows); `eval_batch_size`
+            for the other stages (default: twice `batch_size`, since no gradients are kept).
         group_by_length: batch examples of similar length together (less padding), shuffled.
         num_workers: data-loading processes per device.
         preprocessing_workers: processes for tokenization (`datasets.map(num_proc=...)`).
@@ -143,7 +143,7 @@ class DataModule(LightningDataModule):
         else:
             sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train,
                                                 group=self.group_by_length or not train, rank=rank,
-                                                world_size=world_size)
+                                                world_size=world_size, row_tokens=task.packed_row_length())
             batching = {"batch_sampler": ResumableBatches(sampler, self.epoch_position) if train else sampler}
         return DataLoader(
             features.remove_columns("length"),

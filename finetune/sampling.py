@@ -3,8 +3,9 @@ a training order that a resumed run continues exactly."""
 
 from __future__ import annotations
 
+import bisect
 import random
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 from torch.utils.data import Sampler
 
@@ -17,6 +18,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     still random. Without `group`, plain shuffled batches. Evaluation (`shuffle=False`): sorted
     by length, longest first, so an out-of-memory error shows on the first batch.
 
+    With `row_tokens` (a task that packs examples into rows of that many tokens) a batch is `batch_size`
+    rows: the examples of a chunk (or of the split, for evaluation), longest first, go to the row they fill
+    best, and a batch lists its rows' examples row after row, so that the task's collate packs them so.
+
     With several processes every one builds the same batch list (same seed) and takes every
     `world_size`-th batch, the same number of batches in every process. Training repeats batches
     to get there; evaluation splits batches, so each example is evaluated exactly once.
@@ -24,9 +29,10 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __init__(
         self, lengths: list[int], batch_size: int, seed: int, shuffle: bool, group: bool,
-        rank: int = 0, world_size: int = 1,
+        rank: int = 0, world_size: int = 1, row_tokens: Optional[int] = None,
     ) -> None:
         self.lengths = lengths
+        self.row_tokens = row_tokens
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -42,7 +48,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         return len(self._own_batches())
 
     def _batches(self, indices: list[int]) -> list[list[int]]:
-        return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
+        """Consecutive batches of `indices` (longest first when grouped): of examples, or of packed rows."""
+        units = [[i] for i in indices] if self.row_tokens is None else best_fit(indices, self.lengths, self.row_tokens)
+        return [sum(units[i : i + self.batch_size], []) for i in range(0, len(units), self.batch_size)]
 
     def _all_batches(self) -> list[list[int]]:
         if not self.shuffle:
@@ -50,9 +58,11 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        if not self.group:
+        if not self.group and self.row_tokens is None:  # (packing sorts: rows fill best longest first)
             return self._batches(order)
-        chunk = 50 * self.batch_size
+        chunk = 50 * self.batch_size  # examples: 50 batches of them, or about 50 batches of packed rows
+        if self.row_tokens is not None:
+            chunk = max(chunk, chunk * self.row_tokens * len(self.lengths) // max(sum(self.lengths), 1))
         batches = []
         for start in range(0, len(order), chunk):
             part = sorted(order[start : start + chunk], key=lambda i: -self.lengths[i])
@@ -74,6 +84,24 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self._own_batches()
+
+
+def best_fit(indices: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """The examples `indices` (longest first) in rows of at most `capacity` tokens: each to the row whose
+    free space it fills best, else to a new row (an example longer than a row gets one of its own)."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free tokens, row), sorted
+    for index in indices:
+        length = min(lengths[index], capacity)
+        at = bisect.bisect_left(free, (length, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+        else:
+            space, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(index)
+        bisect.insort(free, (space - length, row))
+    return rows
 
 
 class LongestFirst(Sampler[int]):

@@ -109,6 +109,13 @@ class Task:
         tokenizer's `overflow_to_sample_mapping`; the core turns it into each feature's `index`."""
         raise NotImplementedError
 
+    def packed_row_length(self) -> Optional[int]:
+        """Tokens per row when `collate` packs whole examples into rows of that many tokens (packing): then a
+        training or evaluation batch is `batch_size` rows, and the core picks the examples that fill them (best
+        fit, longest first) and passes them to `collate` row after row. Default: None, a batch is `batch_size`
+        examples."""
+        return None
+
     def collate(self, features: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
         """Pad a list of features into a batch, to the longest item. Default: the tokenizer's padding;
         other fields (labels) become tensors as they are."""

@@ -93,8 +93,9 @@ class InstructionTuning(Task):
         chat template (None: when it has one; format messages needs one), an optional system turn (for
         conversations without one), the token that ends a reply (None: the template's end of turn, else eos).
     train_on_prompt: also train on everything but the replies (system and user turns, template text).
-    packing: join a batch's examples into rows of at most `max_length` tokens; attention stays within an
-        example (its position ids restart at 0), so the loss is the same as without packing, with less padding.
+    packing: whole examples packed into rows of `max_length` tokens, `data.batch_size` rows a batch (the core
+        picks examples that fill them); attention stays within an example (its position ids restart at 0), so
+        the loss is the same as without packing, with little padding.
     max_length: tokens per example (longer ones are truncated, with a warning; a text becomes windows).
     generation: decoding settings of `predict` (greedy by default).
     """
@@ -291,6 +292,9 @@ class InstructionTuning(Task):
                 mapping.append(example)
         return {"input_ids": windows, "labels": windows, "overflow_to_sample_mapping": mapping}
 
+    def packed_row_length(self) -> Optional[int]:
+        return self.max_length if self.packing else None
+
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         if "labels" not in features[0]:  # prompts, padded on the left for generation
             prompts = [f["input_ids"] for f in features]
@@ -303,10 +307,10 @@ class InstructionTuning(Task):
                 "labels": pad([f["labels"] for f in features], IGNORE)}
 
     def pack(self, features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-        """The examples, in order, joined into rows of at most max_length tokens, padded at the row ends. Position
-        ids restart at 0 with every example (and the padding): from them transformers builds block-diagonal causal
-        attention, for SDPA, eager attention and FlashAttention's variable-length path alike. No token predicts
-        the first token of the next example."""
+        """The examples, in order (the core's, row after row), joined into rows of at most max_length tokens (a
+        new row where the next example does not fit), padded at the row ends. Position ids restart at 0 with every
+        example (and the padding): from them transformers builds block-diagonal causal attention, for SDPA, eager
+        attention and FlashAttention's variable-length path alike. No token predicts the next example's first."""
         rows: list[dict[str, list[int]]] = []
         for feature in features:
             ids = feature["input_ids"]

@@ -104,6 +104,30 @@ def test_length_grouping_covers_every_example_once_and_cuts_padding():
     assert grouped < 0.05 < 0.3 < plain
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_packed_batches_are_rows_filled_best_with_every_example_once(shuffle):
+    """With a task that packs rows of 256 tokens, a batch is 8 rows: the examples a collate packing in order
+    (a new row where the next does not fit) puts into at most 8 rows, nearly full."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(20, 257, (800,), generator=gen).tolist()
+    sampler = LengthGroupedBatchSampler(lengths, 8, seed=0, shuffle=shuffle, group=True, row_tokens=256)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(800))
+    rows_per_batch, unfilled = [], 0
+    for batch in batches:
+        rows = [0]
+        for i in batch:  # (the task's collate: next fit, in the sampler's order)
+            if rows[-1] + lengths[i] > 256:
+                rows.append(0)
+            rows[-1] += lengths[i]
+        rows_per_batch.append(len(rows))
+        unfilled += 256 * len(rows) - sum(rows)
+    assert max(rows_per_batch) == 8 and sum(rows_per_batch) > 8 * (len(batches) - 2)
+    # (one example per row: 46% of it empty; the emptiest rows are the last of each chunk of ~50 batches)
+    assert unfilled / (256 * sum(rows_per_batch)) < 0.025
+    assert len(batches) == len(sampler) < 800 / 8
+
+
 def test_training_order_is_shuffled_differently_each_epoch_and_reproducibly():
     sampler = LengthGroupedBatchSampler(list(range(100)), 10, seed=3, shuffle=True, group=True)
     epoch0 = list(sampler)
