@@ -99,7 +99,11 @@ class FineTuneModule(LightningModule):
         if self.quantization:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=self.gradient_checkpointing)
         elif self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            non_reentrant = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.25, where the old name warns
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         if self.lora is not None:
             # Weights the pretrained checkpoint lacked (the head; a pooler some checkpoints drop)
             # are random: they must be trained, and saved, in full.
