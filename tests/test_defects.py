@@ -28,12 +28,6 @@ def demo_args(backbone: str, files: dict, root: Path, *extra: str) -> list[str]:
             f"--predictions.output_file={root}/predictions.jsonl", *extra]
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI runs in-process with `args`, as `finetune` would: without pytest's own command line."""
-    monkeypatch.setattr("sys.argv", ["finetune"])
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("data")

@@ -15,7 +15,7 @@ import datasets
 import pytest
 import torch
 
-from conftest import MINILM, REPO
+from conftest import KIT_PROCESSES, MINILM, REPO
 from finetune.errors import InputError
 from finetune.task import Column
 
@@ -237,20 +237,21 @@ def test_the_core_checks_the_tokens_as_words_and_reads_the_tags_only_with_target
 
 
 # --- the conformance kit ---------------------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.parametrize("processes", KIT_PROCESSES)
 @pytest.mark.parametrize("backbone", ["bert", "llama"])  # an encoder, and a token-classification head on a decoder
-def test_ner_passes_the_conformance_kit(backbone, tmp_path, monkeypatch):
+def test_ner_passes_the_conformance_kit(backbone, processes, tmp_path, monkeypatch):
     from finetune.testing import check_task
 
     monkeypatch.syspath_prepend(str(EXAMPLE))  # (the kit's subprocesses import the task from sys.path)
     rows = read_jsonl(EXAMPLE / "data" / "train.jsonl")[:24]
     # (every weight trained: LoRA alone learns slowly on the kit's random tiny BERT, whose embeddings stay frozen)
-    report = check_task(TokenClassification(), rows, workdir=tmp_path, backbone=backbone, processes=2, epochs=8,
+    report = check_task(TokenClassification(), rows, workdir=tmp_path, backbone=backbone, processes=processes, epochs=8,
                         extra_args=["--model.optimizer.lr=0.003", "--model.lora=null"])
-    print(report.train_losses, report.metrics, report.metrics_by_processes[2])
+    print(report.train_losses, report.metrics_by_processes)
     assert report.train_losses[-1] < report.train_losses[0]
     assert {"val/loss", "val/precision", "val/recall", "val/f1", "val/f1/PER"} <= report.metrics.keys()
     assert report.metrics["val/f1"] > 0  # (so that 1 and 2 processes agree on numbers that say something)
+    assert report.metrics_by_processes.keys() == {1, processes}
     assert [len(p["tags"]) for p in report.predictions] == [len(r["tokens"]) for r in rows]
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED, WORDS, write_jsonl
+from conftest import KIT_PROCESSES, SHARED, WORDS, write_jsonl
 from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.files import read_data_file
@@ -220,11 +220,13 @@ def test_perplexity_is_exp_of_the_mean_token_nll_whatever_the_batching(tiny_llam
         assert TokenScores().compute()["perplexity"] == 1  # (an empty split: no tokens, no surprise)
 
 
-def test_conforms_with_packing_and_perplexity_is_the_same_in_two_processes(tmp_path):
+@pytest.mark.parametrize("processes", KIT_PROCESSES)
+def test_conforms_with_packing_and_perplexity_is_the_same_in_two_processes(processes, tmp_path):
     rows = conversations(15, seed=1)  # validation: 15 rows, odd, split over 2 processes
     task = InstructionTuning(packing=True, max_length=160, generation={"max_new_tokens": 6})
-    report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=3, extra_args=["--model.lora=null"])
-    one, two = report.metrics_by_processes[1], report.metrics_by_processes[2]
+    report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=3, processes=processes,
+                        extra_args=["--model.lora=null"])
+    one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
     assert one["val/perplexity"] == pytest.approx(two["val/perplexity"], rel=1e-6)
     assert one["val/perplexity"] == pytest.approx(math.exp(one["val/loss"]), rel=1e-5)  # the core's token mean
     assert report.train_losses[-1] < report.train_losses[0]

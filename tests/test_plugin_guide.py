@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, make_rows
+from conftest import KIT_PROCESSES, REPO, make_rows
 from finetune.testing import check_task
 
 sys.path.insert(0, str(REPO / "examples"))
@@ -22,12 +22,13 @@ def test_readme_shows_the_example_file_verbatim():
     assert (REPO / "examples" / "text_regression.py").read_text(encoding="utf-8") in blocks
 
 
-@pytest.mark.slow
-def test_example_task_passes_the_kit_and_learns(tmp_path):
+@pytest.mark.parametrize("processes", KIT_PROCESSES)
+def test_example_task_passes_the_kit_and_learns(processes, tmp_path):
     rows = [{"text": r["text"], "target": TARGET[r["label"]]} for r in make_rows(30)]
-    report = check_task(TextRegression(), rows, workdir=tmp_path, epochs=6,
+    report = check_task(TextRegression(), rows, workdir=tmp_path, epochs=6, processes=processes,
                         extra_args=["--model.optimizer.lr=0.01", "--model.lora.target_modules=all-linear"])
-    print(report.train_losses, report.metrics, report.metrics_by_processes[2])
+    print(report.train_losses, report.metrics_by_processes)
+    assert report.metrics_by_processes.keys() == {1, processes}
     assert report.train_losses[-1] < report.train_losses[0]
     assert report.metrics["val/mse"] < 0.667  # below predicting the mean (0) for targets -1/0/1 in thirds
     assert set(report.predictions[0]) == {"score"}

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import SHARED, WORDS, write_jsonl
+from conftest import KIT_PROCESSES, SHARED, WORDS, write_jsonl
 from finetune.errors import InputError
 from finetune.files import read_data_file
 from finetune.generation import IGNORE
@@ -179,12 +179,13 @@ def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
     assert not any(name.startswith("reference_model.") for name in module.trainable_names())
 
 
-def test_conforms_learns_the_preference_and_is_exact_in_two_processes(tmp_path):
+@pytest.mark.parametrize("processes", KIT_PROCESSES)
+def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, tmp_path):
     rows = pairs(15, seed=3)  # validation: 15 pairs, odd, split over 2 processes
     task = PreferenceTuning(beta=0.5, generation={"max_new_tokens": 4})
-    report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4,
+    report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4, processes=processes,
                         extra_args=["--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.02"])
-    one, two = report.metrics_by_processes[1], report.metrics_by_processes[2]
+    one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
     for name in ("val/loss", "val/reward_accuracy", "val/reward_margin", "val/chosen_reward"):
         assert one[name] == pytest.approx(two[name], abs=1e-6), name
     assert report.train_losses[-1] < report.train_losses[0]
