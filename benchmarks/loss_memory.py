@@ -1,0 +1,173 @@
+"""Peak memory of a causal-LM training step against sequence length: the loss over the full logits (what
+transformers computes for `model(..., labels=...)`, and so HF Trainer, TRL and a hand loop) vs finetune's
+target-token scores (`finetune/target_tokens.py`: the output layer on chunks of target positions under
+checkpointing, never all logits at once).
+
+SmolLM2-135M-Instruct (a 49,152-token vocabulary) with LoRA (r 16, all-linear), fp32 on this CPU; a batch of
+random token ids, every position a target (language modelling: the worst case for finetune, which skips
+prompt positions). Each method and length in a fresh process, which runs two steps (forward and backward):
+the peak is the first step's, the highest resident memory a 1 ms sampler sees during it above what the process
+held just before it, with glibc returning every freed block of 64 kB or more to the system at once
+(MALLOC_MMAP_THRESHOLD_=65536, so that resident memory is live memory, not what the allocator keeps for
+reuse); the time is the second step's. The two must agree: the loss to 1e-5 and every LoRA gradient (largest
+difference relative to the largest gradient).
+
+    python benchmarks/loss_memory.py --lengths 256,512,1024,2048 --batch_size 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    add_run_arguments,
+    alternate,
+    emit,
+    machine,
+    markdown_table,
+    peak_rss_mb,
+    set_threads,
+    versions,
+    write_results,
+)
+
+METHODS = {"full": "full logits (transformers' loss)", "chunked": "finetune (target tokens, chunked)"}
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def rss_mb() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE_MB
+
+
+class PeakSampler:
+    """The highest resident memory seen every millisecond while it runs."""
+
+    def __enter__(self) -> "PeakSampler":
+        self.peak, self.running = rss_mb(), True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self) -> None:
+        while self.running:
+            self.peak = max(self.peak, rss_mb())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.target_tokens import target_tokens
+
+    set_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    torch.manual_seed(args.seed)  # (the same LoRA initialisation in both methods' processes)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model.train()
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.length), generator=generator)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}  # (as HF Trainer)
+
+    def step() -> torch.Tensor:
+        if args.child == "full":
+            loss = model(**inputs, labels=ids).loss
+        else:
+            loss = -target_tokens(model, inputs, ids).logps.mean()
+        loss.backward()
+        return loss
+
+    gc.collect()
+    before = rss_mb()
+    with PeakSampler() as sampler:
+        loss = step()
+    torch.save({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, args.grads)
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    emit({"loss": loss.item(), "step_peak_mb": sampler.peak - before, "rss_before_mb": before,
+          "peak_rss_mb": peak_rss_mb(), "step_s": seconds})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="256,512,1024,2048", help="sequence lengths, comma-separated")
+    parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    add_run_arguments(parser)
+    parser.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--model_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--grads", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import torch
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from finetune.gguf import packaged_smollm2
+
+    model_dir = packaged_smollm2()
+    work = Path(tempfile.mkdtemp(prefix="bench-loss-memory-"))
+    script = str(Path(__file__).resolve())
+    lengths = [int(n) for n in args.lengths.split(",")]
+
+    def command(method: str, length: int) -> list[str]:
+        return [sys.executable, script, f"--child={method}", f"--length={length}", f"--model_dir={model_dir}",
+                f"--grads={work / f'{method}-{length}.pt'}", f"--batch_size={args.batch_size}",
+                f"--seed={args.seed}", f"--threads={args.threads}"]
+
+    systems = {f"{method}@{length}": (lambda m=method, n=length: command(m, n))
+               for length in lengths for method in METHODS}
+    log = work / "children.log"
+    print(f"children's output: {log}", file=sys.stderr)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # (the children's environment is a copy of this one)
+    runs = alternate(systems, args.repeats, 0, args.threads, log, args.quiet, args.max_wait)
+
+    rows, figures = [], {}
+    for length in lengths:
+        full, chunked = (runs[f"{m}@{length}"][-1] for m in METHODS)
+        grads = [torch.load(work / f"{m}-{length}.pt", weights_only=True) for m in METHODS]
+        scale = max(g.abs().max().item() for g in grads[0].values())
+        grad_diff = max((grads[0][k] - grads[1][k]).abs().max().item() for k in grads[0]) / scale
+        loss_diff = abs(full["loss"] - chunked["loss"])
+        figures[length] = {"full": full, "chunked": chunked, "loss_difference": loss_diff,
+                           "gradient_difference_relative": grad_diff}
+        rows.append([str(length), str(args.batch_size * length), f"{full['step_peak_mb']:.0f}",
+                     f"{chunked['step_peak_mb']:.0f}", f"{chunked['step_peak_mb'] / full['step_peak_mb']:.2f}",
+                     f"{full['step_s']:.1f}", f"{chunked['step_s']:.1f}", f"{full['loss']:.6f}",
+                     f"{loss_diff:.1e}", f"{grad_diff:.1e}"])
+    header = ["length", "tokens", "full: step peak (MB)", "finetune: step peak (MB)", "ratio", "full: step (s)",
+              "finetune: step (s)", "loss", "|Δ loss|", "max |Δ grad| / max |grad|"]
+    table = markdown_table(header, rows)
+    payload = {"command": "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]),
+               "machine": machine(args.threads), "versions": versions("torch", "transformers", "peft"),
+               "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": model_dir,
+                            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
+               "figures": figures, "runs": runs, "table": table}
+    path = write_results("loss_memory", payload)
+    print(table)
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()
