@@ -24,7 +24,7 @@ from finetune.checkpointing import StopOnSignal, check_checkpoint
 from finetune.console import ProgressBar, Summary
 from finetune.errors import InputError
 from finetune.predictions import PredictionWriter
-from finetune.preflight import check_output_dirs
+from finetune.preflight import check_monitors, check_output_dirs
 from finetune.runs import DiscardFailedRun, default_loggers, resolve_last, tensorboard_installed
 
 
@@ -175,6 +175,7 @@ class FineTuneCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
+        check_monitors(self.trainer, self.model.task)  # ... or on a monitored metric some epochs do not report
 
     def before_predict(self) -> None:
         for callback in self.trainer.callbacks:

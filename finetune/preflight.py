@@ -1,5 +1,6 @@
-"""Checks before training starts: a run whose outputs cannot be written fails in seconds, with one
-message naming the setting, instead of after its first epoch."""
+"""Checks before training starts: a run whose outputs cannot be written, or whose checkpoint or early
+stopping would look for a metric some validations do not report, fails in seconds, with one message
+naming the setting, instead of after its first epoch."""
 
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def unwritable(path: str) -> Optional[str]:
     except OSError as err:
         return err.strerror or str(err)
     return None
+
+
+def check_monitors(trainer: Any, task: Any) -> None:
+    """Raise InputError when a callback (ModelCheckpoint, EarlyStopping) monitors a validation metric of the task
+    that some validation of this fit will not report (`Task.computes_metrics`: e.g. a generation task scoring
+    every 2nd epoch): Lightning stops the run with a MisconfigurationException at the first such epoch."""
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000  # (-1: no limit)
+    every = trainer.check_val_every_n_epoch or 1
+    validated = [epoch for epoch in range(min(epochs, 1000)) if (epoch + 1) % every == 0]
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if not (isinstance(monitor, str) and monitor.startswith("val/") and monitor != "val/loss"):
+            continue
+        missing = next((epoch for epoch in validated if not task.computes_metrics("val", epoch)), None)
+        if missing is not None:
+            raise InputError(
+                f"trainer.callbacks: {type(callback).__name__} monitors {monitor!r}, which {type(task).__name__} "
+                f"does not compute in the validation of epoch {missing + 1} (Lightning stops a run whose monitored "
+                "value is missing); monitor 'val/loss', which every validation reports, or have the task score "
+                "every validation (generation tasks: model.task.init_args.generate_every_n_epochs: 1)")

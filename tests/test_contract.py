@@ -7,12 +7,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
+from conftest import REPO, reversal_rows, write_jsonl
 from finetune.checkpointing import check_checkpoint
 from finetune.cli import main
 from finetune.columns import declared_columns
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
+from finetune.preflight import check_monitors
 from finetune.registry import build_task
 from tasks.classification import TextClassification
 from tasks.question_answering import QuestionAnswering
@@ -50,6 +53,32 @@ def test_generation_scores_in_standalone_evaluation_and_every_n_epochs_of_a_fit(
     assert [task.computes_metrics("val", epoch) for epoch in range(4)] == [False, True, False, True]
     assert task.computes_metrics("val", None) and task.computes_metrics("test", None)  # `finetune validate` / `test`
     assert not Translation(generate_every_n_epochs=0).computes_metrics("val", 3)
+
+
+def test_a_monitored_metric_some_validations_skip_is_refused_before_training(tiny_t5, tmp_path, capsys):
+    """Lightning stops a fit with a traceback after the first validation that lacks a monitored metric; the
+    config that would do so (a checkpoint on val/rougeL, ROUGE every 2nd epoch) stops before training instead."""
+    rows = reversal_rows()
+    train, val = write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "v.jsonl", rows)
+    args = ["fit", "--config", str(REPO / "configs" / "summarization.yaml"), f"--model.backbone={tiny_t5}",
+            "--model.task.init_args.source_column=source", "--model.task.init_args.target_column=target",
+            f"--data.train_file={train}", f"--data.val_file={val}", "--trainer.max_epochs=2",
+            "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'runs'}"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--model.task.init_args.generate_every_n_epochs=2"])
+    assert exit_.value.code == 2
+    assert ("trainer.callbacks: RunCheckpoint monitors 'val/rougeL', which Summarization does not compute in the "
+            "validation of epoch 1") in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.ckpt"))
+    # validating every 2nd epoch only, or monitoring the loss, is consistent
+    check_monitors(SimpleNamespace(max_epochs=4, check_val_every_n_epoch=2, callbacks=[ModelCheckpoint(
+        monitor="val/rougeL")]), Summarization(generate_every_n_epochs=2))
+    check_monitors(SimpleNamespace(max_epochs=-1, check_val_every_n_epoch=1, callbacks=[EarlyStopping(
+        monitor="val/loss")]), Summarization(generate_every_n_epochs=0))
+    with pytest.raises(InputError, match="EarlyStopping monitors 'val/bleu', which Translation does not compute in "
+                                         "the validation of epoch 1"):
+        check_monitors(SimpleNamespace(max_epochs=None, check_val_every_n_epoch=None, callbacks=[EarlyStopping(
+            monitor="val/bleu")]), Translation(generate_every_n_epochs=0))
 
 
 def test_evaluation_without_a_label_set_is_named():
