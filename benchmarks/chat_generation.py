@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -43,12 +43,14 @@ from common import (  # noqa: E402
     add_run_arguments,
     alternate,
     cell,
+    child_commands,
     emit,
     interference_note,
     machine,
     markdown_table,
     peak_rss_mb,
     set_threads,
+    subset,
     summarize,
     versions,
     write_results,
@@ -217,15 +219,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED / "data" / "alpaca"), help="folder with validation.jsonl")
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup_rounds", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.7)
     parser.add_argument("--top_p", type=float, default=0.9)
-    add_run_arguments(parser)
+    add_run_arguments(parser, "chat_generation", repeats=2, warmup_rounds=0)
     parser.add_argument("--decoding", default=",".join(DECODING))
-    parser.add_argument("--output", default="chat_generation", help="name of the JSON file in benchmarks/results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--prompts_file", help=argparse.SUPPRESS)
@@ -242,18 +241,13 @@ def main() -> None:
     info = machine(args.threads)
     set_threads(args.threads)
     model_dir = resolve(BACKBONE)  # what finetune loads for BACKBONE: the other systems load the same
-    lines = (Path(args.data) / "validation.jsonl").read_text(encoding="utf-8").splitlines()[: args.prompts]
-    prompts_file = work / "prompts.jsonl"
-    prompts_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prompts_file = subset(Path(args.data) / "validation.jsonl", work / "prompts.jsonl", args.prompts)
     common = [f"--model={model_dir}", f"--prompts_file={prompts_file}", f"--batch_size={args.batch_size}",
               f"--max_new_tokens={args.max_new_tokens}", f"--temperature={args.temperature}",
               f"--top_p={args.top_p}", f"--seed={args.seed}", f"--threads={args.threads}"]
     script = str(Path(__file__).resolve())
-    systems: dict[str, Callable[[], list[str]]] = {}
-    for decoding in args.decoding.split(","):
-        for system in SYSTEMS:
-            name = f"{system}:{decoding}"
-            systems[name] = lambda name=name: [sys.executable, script, f"--child={name}", *common]
+    systems = child_commands(script, [f"{system}:{decoding}" for decoding in args.decoding.split(",")
+                                      for system in SYSTEMS], common)
     log = work / "children.log"
     print(f"children's output: {log}", file=sys.stderr)
     runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)

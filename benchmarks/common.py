@@ -26,8 +26,13 @@ START_ENV = "BENCH_COMMAND_START"  # wall-clock time at which the driver started
 
 
 # --- in a child --------------------------------------------------------------------------------
-def add_run_arguments(parser: Any) -> None:
-    """The options every benchmark driver shares: seed, threads and how quiet the machine must be."""
+def add_run_arguments(parser: Any, output: str, repeats: int, warmup_rounds: Optional[int] = None) -> None:
+    """The options every benchmark driver shares: the results file, the rounds, seed, threads and how quiet the
+    machine must be."""
+    parser.add_argument("--output", default=output, help="name of the JSON file in benchmarks/results")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    if warmup_rounds is not None:
+        parser.add_argument("--warmup_rounds", type=int, default=warmup_rounds, help="discarded rounds first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of every process")
     parser.add_argument("--quiet", type=float, default=0.15,
@@ -54,6 +59,11 @@ def subset(src: Path, dst: Path, n: int) -> str:
     """The first `n` lines of the JSONL file `src`, written to `dst`; returns its path."""
     dst.write_text("\n".join(src.read_text(encoding="utf-8").splitlines()[:n]) + "\n", encoding="utf-8")
     return str(dst)
+
+
+def child_commands(script: str, names: list[str], options: list[str]) -> dict[str, Callable[[], list[str]]]:
+    """{name: the command line of a fresh `script --child=name OPTIONS` process}, as `alternate` takes them."""
+    return {name: (lambda name=name: [sys.executable, script, f"--child={name}", *options]) for name in names}
 
 
 def peak_rss_mb() -> float:

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -31,6 +31,7 @@ from common import (  # noqa: E402
     add_run_arguments,
     alternate,
     cell,
+    child_commands,
     emit,
     interference_note,
     machine,
@@ -38,6 +39,7 @@ from common import (  # noqa: E402
     minilm_path,
     peak_rss_mb,
     set_threads,
+    subset,
     summarize,
     versions,
     write_results,
@@ -180,15 +182,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED / "data" / "multi30k"), help="folder with validation.jsonl")
     parser.add_argument("--sentences", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup_rounds", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_source_length", type=int, default=128)
     parser.add_argument("--max_target_length", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=32)
-    add_run_arguments(parser)
+    add_run_arguments(parser, "generation_throughput", repeats=3, warmup_rounds=1)
     parser.add_argument("--decoding", default="greedy,beam4")
-    parser.add_argument("--output", default="generation_throughput", help="name of the JSON file in benchmarks/results")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--val_file", help=argparse.SUPPRESS)
@@ -202,18 +201,13 @@ def main() -> None:
     info = machine(args.threads)
     set_threads(args.threads)
     build_model(work / "model", args.seed)
-    lines = (Path(args.data) / "validation.jsonl").read_text(encoding="utf-8").splitlines()[: args.sentences]
-    val_file = work / "validation.jsonl"
-    val_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    val_file = subset(Path(args.data) / "validation.jsonl", work / "validation.jsonl", args.sentences)
     common = [f"--model={work / 'model'}", f"--val_file={val_file}", f"--batch_size={args.batch_size}",
               f"--max_source_length={args.max_source_length}", f"--max_target_length={args.max_target_length}",
               f"--max_new_tokens={args.max_new_tokens}", f"--seed={args.seed}", f"--threads={args.threads}"]
     script = str(Path(__file__).resolve())
-    systems: dict[str, Callable[[], list[str]]] = {}
-    for decoding in args.decoding.split(","):
-        for system in SYSTEMS:
-            name = f"{system}:{decoding}"
-            systems[name] = lambda name=name: [sys.executable, script, f"--child={name}", *common]
+    systems = child_commands(script, [f"{system}:{decoding}" for decoding in args.decoding.split(",")
+                                      for system in SYSTEMS], common)
     log = work / "children.log"
     print(f"children's output: {log}", file=sys.stderr)
     runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)

@@ -1,7 +1,8 @@
 """Peak memory of a causal-LM training step against sequence length: the loss over the full logits (what
 transformers computes for `model(..., labels=...)`, and so HF Trainer, TRL and a hand loop) vs finetune's
-target-token scores (`finetune/target_tokens.py`: the output layer on chunks of target positions under
-checkpointing, never all logits at once).
+target-token scores (`finetune/target_tokens.py`: the output layer on chunks of target positions, never all
+logits at once; LoRA leaves it frozen, so each chunk's gradient with respect to its hidden states is computed
+in the forward pass and only scaled in the backward pass).
 
 SmolLM2-135M-Instruct (a 49,152-token vocabulary) with LoRA (r 16, all-linear), fp32 on this CPU; a batch of
 random token ids, every position a target (language modelling: the worst case for finetune, which skips
@@ -110,8 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,512,1024,2048", help="sequence lengths, comma-separated")
     parser.add_argument("--batch_size", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1)
-    add_run_arguments(parser)
+    add_run_arguments(parser, "loss_memory", repeats=1)
     parser.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
@@ -164,7 +164,7 @@ def main() -> None:
                "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": model_dir,
                             "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
                "figures": figures, "runs": runs, "table": table}
-    path = write_results("loss_memory", payload)
+    path = write_results(args.output, payload)
     print(table)
     print(f"\nwritten: {path}")
 

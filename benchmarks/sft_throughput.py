@@ -61,6 +61,7 @@ from common import (  # noqa: E402
     add_run_arguments,
     alternate,
     cell,
+    child_commands,
     emit,
     interference_note,
     machine,
@@ -373,16 +374,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED / "data" / "alpaca"), help="folder with train.jsonl")
     parser.add_argument("--rows", type=int, default=64, help="first rows of train.jsonl (a multiple of batch_size)")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--warmup_rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps before the timed ones")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
-    add_run_arguments(parser)
+    add_run_arguments(parser, "sft_throughput", repeats=2, warmup_rounds=1)
     parser.add_argument("--systems", default=",".join(["matmul", *SYSTEMS]))
-    parser.add_argument("--output", default="sft_throughput", help="name of the JSON file in benchmarks/results")
     parser.add_argument("--child", choices=["matmul", *SYSTEMS], help=argparse.SUPPRESS)
     parser.add_argument("--train_file", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
@@ -406,7 +404,7 @@ def main() -> None:
               f"--warmup={args.warmup}", f"--batch_size={args.batch_size}", f"--max_length={args.max_length}",
               f"--lr={args.lr}", f"--seed={args.seed}", f"--threads={args.threads}"]
     names = args.systems.split(",")
-    systems = {name: (lambda name=name: [sys.executable, script, f"--child={name}", *common]) for name in names}
+    systems = child_commands(script, names, common)
     log = work / "children.log"
     print(f"children's output: {log}", file=sys.stderr)
     info = machine(args.threads)

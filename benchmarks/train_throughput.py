@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     add_run_arguments,
     alternate,
     cell,
+    child_commands,
     child_env,
     dir_size_mb,
     emit,
@@ -256,16 +257,13 @@ def help_wall_time(threads: int, repeats: int = 5) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(SHARED / "data" / "sentiment"), help="folder with train.jsonl")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup_rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before the timed ones")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
-    add_run_arguments(parser)
+    add_run_arguments(parser, "train_throughput", repeats=3, warmup_rounds=1)
     parser.add_argument("--systems", default=",".join(["matmul", *SYSTEMS]))
-    parser.add_argument("--output", default="train_throughput", help="name of the JSON file in benchmarks/results")
     parser.add_argument("--child", choices=["matmul", *SYSTEMS], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -277,7 +275,7 @@ def main() -> None:
               f"--batch_size={args.batch_size}", f"--max_length={args.max_length}", f"--lr={args.lr}",
               f"--seed={args.seed}", f"--threads={args.threads}"]
     names = args.systems.split(",")
-    systems = {name: (lambda name=name: [sys.executable, script, f"--child={name}", *common]) for name in names}
+    systems = child_commands(script, names, common)
     log = Path(tempfile.mkdtemp(prefix="bench-train-")) / "children.log"
     print(f"children's output: {log}", file=sys.stderr)
     started = time.time()
