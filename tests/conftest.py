@@ -35,10 +35,13 @@ def save_tiny_bert(path: Path, dropout: float = 0.1) -> str:
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def command_line(monkeypatch):
-    """The CLI runs in-process with `args`, as `finetune` would: without pytest's own command line."""
-    monkeypatch.setattr("sys.argv", ["finetune"])
+@pytest.fixture(autouse=True, scope="session")
+def command_line():
+    """The CLI runs in-process with `args`, as `finetune` would: without pytest's own command line (for the
+    whole session, so that fixtures of any scope that run a command see it too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("sys.argv", ["finetune"])
+        yield
 
 
 @pytest.fixture(scope="session")
