@@ -157,7 +157,7 @@ def main() -> None:
                      f"{full['step_s']:.1f}", f"{chunked['step_s']:.1f}", f"{full['loss']:.6f}",
                      f"{loss_diff:.1e}", f"{grad_diff:.1e}"])
     header = ["length", "tokens", "full: step peak (MB)", "finetune: step peak (MB)", "ratio", "full: step (s)",
-              "finetune: step (s)", "loss", "|Δ loss|", "max |Δ grad| / max |grad|"]
+              "finetune: step (s)", "loss", "Δ loss", "max Δ grad / max grad"]
     table = markdown_table(header, rows)
     payload = {"command": "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]),
                "machine": machine(args.threads), "versions": versions("torch", "transformers", "peft"),

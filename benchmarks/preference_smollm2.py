@@ -82,6 +82,14 @@ def main() -> None:
     val = write(work / "val.jsonl", rows_of(SHARED / "validation.jsonl", args.val))
     common = ["--model.task=PreferenceTuning", f"--model.task.beta={args.beta}", *common_args(work, args),
               f"--data.val_file={val}"]
+    memory = {}
+    for kind in ("sft", "dpo"):  # each in a fresh process: its own peak (first,
+        # while this process is small: with the fitted model beside a DPO step, 23 GB were not enough)
+        output = subprocess.run([sys.executable, __file__, "--step", kind, f"--max_length={args.max_length}",
+                                 f"--batch_size={args.batch_size}", f"--memory_steps={args.memory_steps}"],
+                                capture_output=True, text=True, check=True).stdout
+        memory[kind] = json.loads(output.split("RESULT ", 1)[1])
+
     before = run(["validate", *common]).trainer.callback_metrics
     fit_started = time.perf_counter()
     cli = run(["fit", *common, f"--data.train_file={train}", f"--trainer.max_epochs={args.epochs}",
@@ -91,13 +99,6 @@ def main() -> None:
     after = cli.trainer.callback_metrics
     (metrics_csv,) = (work / "lightning_logs").rglob("metrics.csv")  # (the CSV logger's; `validate` wrote its own)
     curve = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(metrics_csv.open()) if r["train/loss"]]
-
-    memory = {}
-    for kind in ("sft", "dpo"):  # each in a fresh process: its own peak
-        output = subprocess.run([sys.executable, __file__, "--step", kind, f"--max_length={args.max_length}",
-                                 f"--batch_size={args.batch_size}", f"--memory_steps={args.memory_steps}"],
-                                capture_output=True, text=True, check=True).stdout
-        memory[kind] = json.loads(output.split("RESULT ", 1)[1])
 
     print(f"\nSmolLM2-135M-Instruct, LoRA r=8 all-linear, DPO (sigmoid) beta {args.beta}, lr {args.lr}, batch "
           f"{args.batch_size} pairs, max_length {args.max_length}, {args.epochs} epochs on {args.train} pairs; "
