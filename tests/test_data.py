@@ -10,6 +10,7 @@ from finetune.data import DataModule, LengthGroupedBatchSampler
 from finetune.errors import InputError
 from finetune.module import FineTuneModule
 from tasks.classification import TextClassification
+from tasks.instruction_tuning import InstructionTuning
 
 
 def prepared(backbone, task=None, stage="fit", **files) -> DataModule:
@@ -106,25 +107,23 @@ def test_length_grouping_covers_every_example_once_and_cuts_padding():
 
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_packed_batches_are_rows_filled_best_with_every_example_once(shuffle):
-    """With a task that packs rows of 256 tokens, a batch is 8 rows: the examples a collate packing in order
-    (a new row where the next does not fit) puts into at most 8 rows, nearly full."""
+    """With a task that packs rows of 256 tokens, a batch is 8 rows: the examples the task's own collate (packing
+    in the sampler's order) puts into at most 8 rows, nearly full."""
     gen = torch.Generator().manual_seed(0)
     lengths = torch.randint(20, 257, (800,), generator=gen).tolist()
-    sampler = LengthGroupedBatchSampler(lengths, 8, seed=0, shuffle=shuffle, group=True, row_tokens=256)
+    task = InstructionTuning(packing=True, max_length=256)
+    sampler = LengthGroupedBatchSampler(lengths, 8, seed=0, shuffle=shuffle, group=True,
+                                        row_tokens=task.packed_row_length())
     batches = list(sampler)
     assert sorted(i for batch in batches for i in batch) == list(range(800))
-    rows_per_batch, unfilled = [], 0
+    rows_per_batch, filled = [], 0
     for batch in batches:
-        rows = [0]
-        for i in batch:  # (the task's collate: next fit, in the sampler's order)
-            if rows[-1] + lengths[i] > 256:
-                rows.append(0)
-            rows[-1] += lengths[i]
-        rows_per_batch.append(len(rows))
-        unfilled += 256 * len(rows) - sum(rows)
+        packed = task.pack([{"input_ids": [1] * lengths[i], "labels": [1] * lengths[i]} for i in batch], pad_id=0)
+        rows_per_batch.append(len(packed["input_ids"]))
+        filled += int((packed["input_ids"] != 0).sum())
     assert max(rows_per_batch) == 8 and sum(rows_per_batch) > 8 * (len(batches) - 2)
     # (one example per row: 46% of it empty; the emptiest rows are the last of each chunk of ~50 batches)
-    assert unfilled / (256 * sum(rows_per_batch)) < 0.025
+    assert 1 - filled / (256 * sum(rows_per_batch)) < 0.025
     assert len(batches) == len(sampler) < 800 / 8
 
 

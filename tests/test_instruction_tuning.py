@@ -222,12 +222,14 @@ def test_perplexity_is_exp_of_the_mean_token_nll_whatever_the_batching(tiny_llam
 
 @pytest.mark.parametrize("processes", KIT_PROCESSES)
 def test_conforms_with_packing_and_perplexity_is_the_same_in_two_processes(processes, tmp_path):
+    """(In one process the kit's checks and the token mean; the comparison with two runs with the slow tests.)"""
     rows = conversations(15, seed=1)  # validation: 15 rows, odd, split over 2 processes
     task = InstructionTuning(packing=True, max_length=160, generation={"max_new_tokens": 6})
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=3, processes=processes,
                         extra_args=["--model.lora=null"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
-    assert one["val/perplexity"] == pytest.approx(two["val/perplexity"], rel=1e-6)
+    if processes > 1:
+        assert one["val/perplexity"] == pytest.approx(two["val/perplexity"], rel=1e-6)
     assert one["val/perplexity"] == pytest.approx(math.exp(one["val/loss"]), rel=1e-5)  # the core's token mean
     assert report.train_losses[-1] < report.train_losses[0]
     assert len(report.predictions) == 15 and all("<|im" not in p["generated_text"] for p in report.predictions)

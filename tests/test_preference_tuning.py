@@ -181,12 +181,13 @@ def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
 
 @pytest.mark.parametrize("processes", KIT_PROCESSES)
 def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, tmp_path):
+    """(In one process the kit's checks and learning; the comparison with two runs with the slow tests.)"""
     rows = pairs(15, seed=3)  # validation: 15 pairs, odd, split over 2 processes
     task = PreferenceTuning(beta=0.5, generation={"max_new_tokens": 4})
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4, processes=processes,
                         extra_args=["--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.02"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
-    for name in ("val/loss", "val/reward_accuracy", "val/reward_margin", "val/chosen_reward"):
+    for name in ("val/loss", "val/reward_accuracy", "val/reward_margin", "val/chosen_reward") if processes > 1 else ():
         assert one[name] == pytest.approx(two[name], abs=1e-6), name
     assert report.train_losses[-1] < report.train_losses[0]
     assert report.metrics["val/reward_margin"] > 0 and report.metrics["val/reward_accuracy"] > 0.5
