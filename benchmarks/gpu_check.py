@@ -280,7 +280,7 @@ def child_bench(args: argparse.Namespace) -> None:
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train,
-                      data_collator=lambda batch: task.collate(batch, tokenizer), callbacks=[HFMeter()])
+                      data_collator=lambda batch: task.collate(batch, tokenizer, True), callbacks=[HFMeter()])
     trainer.train()
     emit({**METER.result(model, args.peak_tflops), "optimizer": str(training_args.optim.value)})
 

@@ -81,7 +81,7 @@ def padding_share(task, tokenizer, features: list[dict], batch_size: int, groupe
         batches = [by_length[i:i + batch_size] for i in range(0, len(by_length), batch_size)]
     real = total = 0
     for batch in batches:
-        collated = task.collate([dict(features[i]) for i in batch], tokenizer)
+        collated = task.collate([dict(features[i]) for i in batch], tokenizer, True)
         real += sum(len(features[i]["input_ids"]) for i in batch)
         total += collated["input_ids"].numel()
     return 1 - real / total
@@ -112,7 +112,7 @@ def packing(args) -> dict:
     for which in (task, packed):
         seconds = tokens = 0.0
         for step, batch in enumerate(batches):
-            collated = which.collate([dict(f) for f in batch], tokenizer)
+            collated = which.collate([dict(f) for f in batch], tokenizer, True)
             start = time.perf_counter()
             loss = which.loss(which.forward(model, collated), collated)
             loss.backward()

@@ -56,7 +56,7 @@ def oracle(task: QuestionAnswering, raw: datasets.Dataset, tokenizer, batch_size
     agree = cut = 0
     for i in range(0, len(rows), batch_size):
         feats = rows[i : i + batch_size]
-        batch = task.collate([{k: v for k, v in f.items() if k != "index"} for f in feats], tokenizer)
+        batch = task.collate([{k: v for k, v in f.items() if k != "index"} for f in feats], tokenizer, True)
         batch["index"] = torch.tensor([f["index"] for f in feats])  # the core's part of a batch
         start = torch.zeros(batch["input_ids"].shape)
         end = torch.zeros(batch["input_ids"].shape)

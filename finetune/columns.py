@@ -19,6 +19,21 @@ def declared_columns(task: Task, split: str) -> list[tuple[Column, str]]:
     return [(column, getattr(task, column.option)) for column in wanted if getattr(task, column.option) is not None]
 
 
+def conversation_row(task: Task, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+    """`Task.chat_row` for a task whose predict rows are one conversation column (the messages as they are) or one
+    text column (the last user message); None for a task that reads other columns."""
+    columns = declared_columns(task, "predict")
+    if len(columns) != 1 or columns[0][0].kind not in ("text", "messages"):
+        return None
+    ((column, name),) = columns
+    if column.kind == "messages":
+        return {name: [{"role": m["role"], "content": m["content"]} for m in messages]}
+    user = [m["content"] for m in messages if m.get("role") == "user"]
+    if not user:
+        raise InputError("there is no user message to reply to")
+    return {name: {column.field: user[-1]} if column.field else user[-1]}
+
+
 def text_columns(task: Task) -> list[str]:
     """The columns that hold text (read from CSV as written)."""
     return [name for column, name in declared_columns(task, "train") if column.kind == "text" and not column.field]

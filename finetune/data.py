@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader
 from finetune.columns import check_columns, text_columns
 from finetune.errors import InputError
 from finetune.files import check_data_file, read_data_file, read_hub_dataset
+from finetune.pipeline import STAGE_SPLITS, collate, make_features
 from finetune.sampling import LengthGroupedBatchSampler, LongestFirst, ResumableBatches
 from finetune.task import Task
 
 FILE_OPTIONS = {"train": "train_file", "val": "val_file", "test": "test_file", "predict": "predict_file"}
 HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test", "predict": "test"}
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
 class DataModule(LightningDataModule):
@@ -125,7 +125,7 @@ class DataModule(LightningDataModule):
             self.contexts[split] = task.split_context(split, rows)
             with_targets = split != "predict"
             self.features[split] = rows.map(
-                tokenize, batched=True, with_indices=True, remove_columns=rows.column_names,
+                make_features, batched=True, with_indices=True, remove_columns=rows.column_names,
                 fn_kwargs={"task": task, "tokenizer": module.tokenizer, "with_targets": with_targets},
                 num_proc=self.preprocessing_workers, desc=f"Tokenizing {split}",
             )
@@ -146,9 +146,9 @@ class DataModule(LightningDataModule):
                                                 world_size=world_size, row_tokens=task.packed_row_length())
             batching = {"batch_sampler": ResumableBatches(sampler, self.epoch_position) if train else sampler}
         return DataLoader(
-            features.remove_columns("length"),
+            features,
             **batching,
-            collate_fn=functools.partial(collate, task=task, tokenizer=tokenizer),
+            collate_fn=functools.partial(collate, task=task, tokenizer=tokenizer, with_targets=split != "predict"),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -182,25 +182,6 @@ class DataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("predict", train=False)
-
-
-def tokenize(examples: dict[str, list], indices: list[int], task: Task, tokenizer: Any,
-             with_targets: bool) -> dict[str, list]:
-    features = task.preprocess(examples, tokenizer, with_targets)
-    if "input_ids" not in features:
-        raise TypeError(f"Task.preprocess of {type(task).__name__} must return `input_ids` (batches are grouped "
-                        f"by their length); it returned {', '.join(features) or 'nothing'}")
-    # Each feature carries the index of its example: windows of one example share it.
-    mapping = features.pop("overflow_to_sample_mapping", range(len(indices)))
-    features["index"] = [indices[i] for i in mapping]
-    features["length"] = [len(ids) for ids in features["input_ids"]]
-    return features
-
-
-def collate(features: list[dict], task: Task, tokenizer: Any) -> dict[str, torch.Tensor]:
-    """The task's batch of features, plus the example `index` of each."""
-    index = torch.tensor([feature.pop("index") for feature in features])
-    return {**task.collate(features, tokenizer), "index": index}
 
 
 class LongerByOne:

@@ -10,6 +10,7 @@ One task class serves both model families, chosen from the backbone's config:
 Subclasses choose the columns and the metrics.
 """
 
+import string
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torchmetrics import MetricCollection
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, DataCollatorForSeq2Seq, PretrainedConfig
 
+from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.target_tokens import IGNORE, target_tokens
 from finetune.task import Column, Task
@@ -217,7 +219,7 @@ class GenerationTask(Task):
                     "the template's assistant turn, or chat_template: false"
                 )
 
-    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict], tokenizer: Any, with_targets: bool) -> dict[str, torch.Tensor]:
         if not self.decoder_only:
             return dict(DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE)(features))
         prompts = [f["input_ids"] for f in features]
@@ -225,7 +227,7 @@ class GenerationTask(Task):
             "prompt_ids": pad(prompts, tokenizer.pad_token_id, left=True),
             "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True),
         }
-        if "labels" in features[0]:
+        if with_targets:
             full = [p + f["labels"] for p, f in zip(prompts, features)]
             batch["input_ids"] = pad(full, tokenizer.pad_token_id)
             batch["attention_mask"] = pad([[1] * len(s) for s in full], 0)
@@ -291,3 +293,8 @@ class GenerationTask(Task):
 
     def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
         return [{"generated_text": text} for text in self.generate(model, batch, tokenizer)]
+
+    def chat_row(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+        # (the last user message is the source; a prompt naming other columns has nothing to fill them with)
+        names = {name for _, name, _, _ in string.Formatter().parse(self.prompt) if name}
+        return conversation_row(self, messages) if names <= {"source"} else None

@@ -17,12 +17,11 @@ from torchmetrics import MeanMetric
 from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError, NonFiniteLossError
 from finetune.lora import LoraSettings, apply_lora, quantized_loading
+from finetune.pipeline import STAGE_SPLITS, predict_batch
 from finetune.registry import build_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
 
-SPLITS = ("train", "val", "test")  # the splits with metrics
-STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 FSDP_PREFIX = "_fsdp_wrapped_module."  # (how FSDP's wrappers prefix parameter names)
 #: Version of what checkpoints hold; `on_load_checkpoint` refuses others with a message.
 CHECKPOINT_FORMAT = 2
@@ -122,7 +121,7 @@ class FineTuneModule(LightningModule):
         # Metrics are built per stage, once the data module has read the splits: they receive what the
         # task needs of a split (its context), e.g. QA's contexts and answers.
         contexts = self.trainer.datamodule.contexts
-        for split in STAGE_SPLITS[stage]:  # (keys are suffixed: `train` would shadow nn.Module.train)
+        for split in (s for s in STAGE_SPLITS[stage] if s != "predict"):  # (keys are suffixed: `train` would shadow nn.Module.train)
             self.metrics[f"{split}_metrics"] = self.task.metrics(split, contexts.get(split))
 
     def configure_optimizers(self) -> Any:
@@ -220,10 +219,7 @@ class FineTuneModule(LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
-        predictions = self.task.predict(self.model, batch, self.tokenizer)
-        for prediction, index in zip(predictions, batch["index"].tolist()):
-            prediction["index"] = index
-        return predictions
+        return predict_batch(self.task, self.model, self.tokenizer, batch)
 
     def _log_metrics(self, stage: str) -> None:
         # Computed once per epoch (torchmetrics syncs the states across processes here).

@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from finetune.errors import InputError
+from finetune.pipeline import merge_predictions
 from finetune.preflight import unwritable
 
 
@@ -50,12 +51,10 @@ class PredictionWriter(BasePredictionWriter):
         if not trainer.is_global_zero:
             return
         context = trainer.datamodule.contexts.get("predict")
-        rows = pl_module.task.merge_predictions(sorted(rows, key=lambda row: row["index"]), context)
+        rows = merge_predictions(pl_module.task, rows, context)
         tmp = self.output_file.with_name(self.output_file.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:
-                row = dict(row)
-                del row["index"]
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         tmp.replace(self.output_file)
         print(f"Wrote {len(rows)} predictions to {self.output_file}")

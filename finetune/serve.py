@@ -137,27 +137,6 @@ def head_shape(task: Any) -> dict[str, Any]:
     return {k: v for k, v in task.model_kwargs().items() if k not in ("id2label", "label2id")}
 
 
-def chat_problem(task: Any) -> Optional[str]:
-    """Why the task has no chat endpoint, or None when it has one."""
-    from finetune.columns import declared_columns
-    from finetune.generation import GenerationSettings
-
-    if not isinstance(getattr(task, "generation", None), GenerationSettings):
-        return f"{type(task).__name__} does not generate text"
-    columns = declared_columns(task, "predict")
-    if len(columns) != 1:
-        return f"{type(task).__name__} reads {len(columns)} columns, not one text or one conversation"
-    column, name = columns[0]
-    if column.kind not in ("text", "messages"):
-        return f"the column {name!r} is neither a text nor a conversation"
-    prompt = getattr(task, "prompt", None)
-    if column.kind == "text" and isinstance(prompt, str):
-        fields = {field for _, field, _, _ in string.Formatter().parse(prompt) if field}
-        if fields - {"source"}:
-            return f"the prompt template names the columns {sorted(fields - {'source'})}, which a chat has not"
-    return None
-
-
 def serve(
     ckpt_path: Optional[str] = None,
     adapter: Optional[list[str]] = None,
@@ -206,7 +185,7 @@ def serve(
     checks = RequestChecks(
         tasks={info.name: info.task for info in infos}, default=infos[0].name, api_key=api_key,
         max_tokens_limit=max_tokens_limit, max_request_bytes=max_request_bytes,
-        chat=chat_problem(infos[0].task) is None,
+        chat=infos[0].task.chat_row([{"role": "user", "content": "Hi"}]) is not None,
     )
     apis: list = [PredictAPI(config)]
     if checks.chat:
@@ -340,8 +319,8 @@ class RequestChecks:
                                    f"{type(message.get('content')).__name__}", "messages")
         task = self.tasks[adapter]
         try:
-            row = chat_row(task, messages)
-        except ValueError as err:
+            row = task.chat_row(messages)
+        except InputError as err:
             raise Refused(422, f"messages: {err}", "messages") from None
         for column, name in declared_columns(task, "predict"):
             problem = value_problem(column, row[name])
@@ -442,20 +421,6 @@ class CheckRequests:
         await send({"type": "http.response.body", "body": data})
 
 
-def chat_row(task: Any, messages: list[dict]) -> dict[str, Any]:
-    """The predict row a chat is for the task: its conversation column holds the messages as they are; its text
-    column the last user message."""
-    from finetune.columns import declared_columns
-
-    ((column, name),) = declared_columns(task, "predict")
-    if column.kind == "messages":
-        return {name: [{"role": m["role"], "content": m["content"]} for m in messages]}
-    user = [m["content"] for m in messages if m.get("role") == "user"]
-    if not user:
-        raise ValueError("there is no user message to reply to")
-    return {name: {column.field: user[-1]} if column.field else user[-1]}
-
-
 # --- the model, in the inference workers -------------------------------------------------------------------
 class Routed:
     """The model as a task's hooks call it, with keyword arguments added to every forward and generate call
@@ -520,18 +485,18 @@ class Served:
         return groups
 
     def features(self, task: Any, rows: list[dict]) -> list[dict]:
-        """The rows' features, made as the data module makes them (the core's `tokenize`, with `index`)."""
-        from finetune.data import tokenize
+        """The rows' features, made as the data module makes them (with `index`)."""
+        from finetune.pipeline import make_features
 
         keys = list(dict.fromkeys(key for row in rows for key in row))
         examples = {key: [row.get(key) for row in rows] for key in keys}
-        features = tokenize(examples, list(range(len(rows))), task, self.tokenizer, with_targets=False)
+        features = make_features(examples, list(range(len(rows))), task, self.tokenizer, with_targets=False)
         return [{key: values[i] for key, values in features.items()} for i in range(len(features["input_ids"]))]
 
     def batch(self, task: Any, features: list[dict]) -> dict:
-        from finetune.data import collate
+        from finetune.pipeline import collate
 
-        batch = collate([{k: v for k, v in f.items() if k != "length"} for f in features], task, self.tokenizer)
+        batch = collate(features, task, self.tokenizer, with_targets=False)
         return {key: value.to(self.device) for key, value in batch.items()}
 
     def predict(self, items: list[tuple[str, dict]]) -> list[dict]:
@@ -784,7 +749,7 @@ if ls is not None:
             if "top_p" in given and request.top_p is not None and request.top_p < 1:
                 generation.update(do_sample=True, top_p=request.top_p)
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            return {"adapter": adapter, "row": chat_row(task, messages), "generation": generation,
+            return {"adapter": adapter, "row": task.chat_row(messages), "generation": generation,
                     "stream": bool(request.stream)}
 
         def batch(self, inputs: list) -> list:

@@ -116,9 +116,11 @@ class Task:
         examples."""
         return None
 
-    def collate(self, features: list[dict], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-        """Pad a list of features into a batch, to the longest item. Default: the tokenizer's padding;
-        other fields (labels) become tensors as they are."""
+    def collate(self, features: list[dict], tokenizer: PreTrainedTokenizerBase,
+                with_targets: bool) -> dict[str, torch.Tensor]:
+        """Pad a list of features into a batch, to the longest item. `with_targets`: the features were made with
+        targets (training and evaluation; not `predict`). Default: the tokenizer's padding; other fields (labels)
+        become tensors as they are."""
         return dict(DataCollatorWithPadding(tokenizer)(features))
 
     # --- model ---------------------------------------------------------------------------------
@@ -156,6 +158,13 @@ class Task:
                 tokenizer: PreTrainedTokenizerBase) -> list[dict[str, Any]]:
         """JSON-serialisable predictions, one dict per feature in the batch."""
         raise NotImplementedError
+
+    def chat_row(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+        """The predict row that a conversation (OpenAI-style {role, content} messages, each checked) is for this
+        task, when the task replies to conversations: its `predict` then returns `{"generated_text": reply}`, its
+        `generation` field holds the decoding settings (`GenerationSettings`), and `finetune serve` offers the
+        OpenAI chat endpoint. Raise InputError for a conversation it cannot answer. Default: None, no chat."""
+        return None
 
     def merge_predictions(self, rows: list[dict[str, Any]], context: Any) -> list[dict[str, Any]]:
         """All predicted rows of a predict run (each with its example `index`, in index order) -> one

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finetune.columns import column_values
+from finetune.columns import column_values, conversation_row
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.generation import IGNORE, GenerationSettings, GenerationTask, pad
@@ -295,8 +295,8 @@ class InstructionTuning(Task):
     def packed_row_length(self) -> Optional[int]:
         return self.max_length if self.packing else None
 
-    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
-        if "labels" not in features[0]:  # prompts, padded on the left for generation
+    def collate(self, features: list[dict], tokenizer: Any, with_targets: bool) -> dict[str, torch.Tensor]:
+        if not with_targets:  # prompts, padded on the left for generation
             prompts = [f["input_ids"] for f in features]
             return {"prompt_ids": pad(prompts, tokenizer.pad_token_id, left=True),
                     "prompt_attention_mask": pad([[1] * len(p) for p in prompts], 0, left=True)}
@@ -348,3 +348,6 @@ class InstructionTuning(Task):
 
     def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
         return [{"generated_text": text} for text in self.generator.generate(model, batch, tokenizer)]
+
+    def chat_row(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+        return conversation_row(self, messages)

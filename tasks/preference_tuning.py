@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.generation import IGNORE, GenerationSettings, pad
@@ -198,9 +199,9 @@ class PreferenceTuning(Task):
                            f"{self.max_length} tokens: their prompts keep their end and their completions their start")
         return features
 
-    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
-        if "chosen" not in features[0]:
-            return self.conversations.collate(features, tokenizer)
+    def collate(self, features: list[dict], tokenizer: Any, with_targets: bool) -> dict[str, torch.Tensor]:
+        if not with_targets:
+            return self.conversations.collate(features, tokenizer, with_targets)
         # one batch of 2n sequences: the n prompts with their chosen completions, then with their rejected ones
         prompts = [f["input_ids"] for f in features] * 2
         completions = [f["chosen"] for f in features] + [f["rejected"] for f in features]
@@ -240,3 +241,6 @@ class PreferenceTuning(Task):
 
     def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
         return self.conversations.predict(model, batch, tokenizer)
+
+    def chat_row(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
+        return conversation_row(self, messages)

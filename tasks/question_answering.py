@@ -199,7 +199,7 @@ class QuestionAnswering(Task):
                                  f"context in windows of max_length={self.max_length} tokens overlapping by "
                                  f"doc_stride={self.doc_stride}; raise max_length or lower doc_stride")
 
-    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict], tokenizer: Any, with_targets: bool) -> dict[str, torch.Tensor]:
         # Always pad on the right: token positions (labels, cls_index, offsets) then stay valid.
         inputs = [{k: f[k] for k in MODEL_INPUTS if k in f} for f in features]
         batch = dict(tokenizer.pad(inputs, padding=True, padding_side="right", return_tensors="pt"))
@@ -207,9 +207,8 @@ class QuestionAnswering(Task):
         batch["offset_mapping"] = torch.tensor(
             [f["offset_mapping"] + [NO_CONTEXT] * (length - len(f["offset_mapping"])) for f in features]
         ).view(len(features), length, 2)
-        for key in ("cls_index", "start_positions", "end_positions"):
-            if key in features[0]:
-                batch[key] = torch.tensor([f[key] for f in features])
+        for key in ("cls_index", "start_positions", "end_positions") if with_targets else ("cls_index",):
+            batch[key] = torch.tensor([f[key] for f in features])
         return batch
 
     # --- model ---------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def test_word_tags_are_read_back_at_first_sub_tokens_after_collate(tokenizer, la
     examples = {"tokens": [WORDS, ["Paris"]], "tags": [WORD_TAGS, ["B-LOC"]]}
     features = task.preprocess(examples, tokenizer, with_targets=True)
     rows = [{key: values[i] for key, values in features.items()} for i in range(2)]
-    batch = task.collate(rows, tokenizer)
+    batch = task.collate(rows, tokenizer, with_targets=True)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["word_ids"].shape == (2, 8)
     assert batch["labels"][1, 3:].tolist() == [-100] * 5 and batch["word_ids"][1, 3:].tolist() == [-1] * 5
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0, 0, 0, 0, 0]  # padded on the right
@@ -109,7 +109,8 @@ def predicted(task: TokenClassification, tokenizer, sentences: list[list[str]], 
     checked(task, "predict", rows, "data.predict_file (p.jsonl)")
     context = task.split_context("predict", datasets.Dataset.from_list(rows))
     features = task.preprocess({"tokens": sentences}, tokenizer, with_targets=False)
-    batch = task.collate([{k: v[i] for k, v in features.items()} for i in range(len(sentences))], tokenizer)
+    batch = task.collate([{k: v[i] for k, v in features.items()} for i in range(len(sentences))], tokenizer,
+                         with_targets=False)
     token_tags = [[TAGS[tags[w]] if w >= 0 else 0 for w in word_ids]
                   for tags, word_ids in zip(wanted, batch["word_ids"].tolist())]
     logits = torch.nn.functional.one_hot(torch.tensor(token_tags), len(LABELS)).float()

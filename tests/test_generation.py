@@ -32,7 +32,8 @@ def module_for(backbone, task="translation", **task_args) -> FineTuneModule:
 def batch_of(module, rows, with_targets=True):
     task, tokenizer = module.task, module.tokenizer
     features = task.preprocess({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, with_targets)
-    return task.collate([{k: v[i] for k, v in features.items()} | {"index": i} for i in range(len(rows))], tokenizer)
+    return task.collate([{k: v[i] for k, v in features.items()} | {"index": i} for i in range(len(rows))], tokenizer,
+                        with_targets)
 
 
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_gpt2", "tiny_llama"])  # (the Llama with its chat template)

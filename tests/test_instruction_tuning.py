@@ -78,7 +78,7 @@ def test_every_assistant_reply_and_its_end_of_turn_are_the_loss_and_nothing_else
 
     # in a batch, padding (the pad token is <|im_end|> too) is out of the loss, the stop token in it
     short = [turn("user", "door"), turn("assistant", "lamp")]
-    batch = task.collate(features_of(task, tokenizer, [{"messages": messages}, {"messages": short}]), tokenizer)
+    batch = task.collate(features_of(task, tokenizer, [{"messages": messages}, {"messages": short}]), tokenizer, True)
     length = int(batch["attention_mask"][1].sum())
     assert (batch["labels"][1, length:] == IGNORE).all() and batch["labels"][1, length - 1] == stop
     assert task.loss_weight(batch) == len(in_loss) + len(tokenizer("lamp", add_special_tokens=False)["input_ids"]) + 1
@@ -140,7 +140,7 @@ def test_raw_text_becomes_windows_that_predict_every_token_but_the_first_once(ti
 
     # through the data module: the windows map back to their example, which `predict` continues from its end
     batch = task.collate([{k: v[i] for k, v in features.items() if k != "overflow_to_sample_mapping"}
-                          for i in range(len(features["input_ids"]))], tokenizer)
+                          for i in range(len(features["input_ids"]))], tokenizer, True)
     assert task.loss_weight(batch) == sum(len(tokenizer(t)["input_ids"]) - 1 for t in texts)
     with pytest.warns(UserWarning, match="^1 of 1 prompts are longer than .*=8 tokens; they keep their last 8"):
         (prompt,) = task.preprocess({"text": [texts[0]]}, tokenizer, False)["input_ids"]
@@ -162,8 +162,8 @@ def test_packed_and_unpacked_batches_give_the_same_loss_on_every_token(tiny_llam
     lengths = [len(f["input_ids"]) for f in features]
     assert min(lengths) < 50 and 100 < max(lengths) < 200  # (various lengths: several examples share a row)
 
-    plain_batch = unpacked.task.collate([dict(f) for f in features], tokenizer)
-    packed_batch = packed.task.collate([dict(f) for f in features], tokenizer)
+    plain_batch = unpacked.task.collate([dict(f) for f in features], tokenizer, True)
+    packed_batch = packed.task.collate([dict(f) for f in features], tokenizer, True)
     assert packed_batch["input_ids"].shape[0] < len(features) and packed_batch["input_ids"].shape[1] <= 200
     assert "attention_mask" not in packed_batch  # (attention follows the restarting position ids)
     # every example whole, in order, its position ids restarting at 0; a row ends where the next does not fit
@@ -211,7 +211,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll_whatever_the_batching(tiny_llam
                 metrics = task.with_options(packing=packing).metrics("val", None)
                 for start in range(0, len(features), size):
                     batch = task.with_options(packing=packing).collate(
-                        [dict(f) for f in features[start:start + size]], tokenizer)
+                        [dict(f) for f in features[start:start + size]], tokenizer, True)
                     task.update_metrics(metrics, task.forward(module.model, batch), batch, module.model, tokenizer)
                 values = metrics.compute()
                 assert values["perplexity"].item() == pytest.approx(math.exp(nll / tokens), rel=1e-6)

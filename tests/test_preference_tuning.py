@@ -46,7 +46,7 @@ def pairs(n, seed=0, plain=False) -> list[dict]:
 
 def batch_of(task, tokenizer, rows) -> dict[str, torch.Tensor]:
     features = task.preprocess({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, with_targets=True)
-    batch = task.collate([{k: v[i] for k, v in features.items()} for i in range(len(rows))], tokenizer)
+    batch = task.collate([{k: v[i] for k, v in features.items()} for i in range(len(rows))], tokenizer, True)
     batch["index"] = torch.arange(len(rows))
     return batch
 
@@ -243,11 +243,8 @@ def test_the_shared_pairs_read_check_and_encode(tiny_llama):
 
 
 def test_the_chat_endpoint_serves_the_prompt_column():
-    from finetune.serve import chat_problem, chat_row
-
     messages = [turn("system", "be brief"), turn("user", "hi")]
-    assert chat_problem(PreferenceTuning()) is None
-    assert chat_row(PreferenceTuning(prompt_column="question"), messages) == {"question": messages}
+    assert PreferenceTuning(prompt_column="question").chat_row(messages) == {"question": messages}
 
 
 def test_the_core_checks_the_conversation_column_first(tmp_path):

@@ -136,14 +136,13 @@ class TokenClassification(Task):
             previous = word
         return labels
 
-    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+    def collate(self, features: list[dict], tokenizer: Any, with_targets: bool) -> dict[str, torch.Tensor]:
         # Padding on the right keeps labels and word ids at the positions of their tokens.
         inputs = [{key: f[key] for key in MODEL_INPUTS if key in f} for f in features]
         batch = dict(tokenizer.pad(inputs, padding=True, padding_side="right", return_tensors="pt"))
         length = batch["input_ids"].shape[1]
-        for key, pad in (("labels", IGNORE), ("word_ids", NO_WORD)):
-            if key in features[0]:
-                batch[key] = torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features])
+        for key, pad in (("labels", IGNORE), ("word_ids", NO_WORD)) if with_targets else (("word_ids", NO_WORD),):
+            batch[key] = torch.tensor([f[key] + [pad] * (length - len(f[key])) for f in features])
         return batch
 
     # --- model ---------------------------------------------------------------------------------
