@@ -11,11 +11,15 @@ from finetune import Column, Task
 
 @dataclass(frozen=True)
 class TextRegression(Task):
+    """Args:
+        text_column: the column of texts.
+        target_column: the column of numbers to predict.
+        max_length: longer texts are truncated to this many tokens.
+    """
+
     text_column: str = "text"
     target_column: str = "target"
     max_length: int = 256
-
-    head_modules = ("classifier", "score")  # the new head: trained in full, saved with the adapter
 
     def columns(self):
         return [Column("text_column", "text"), Column("target_column", "label", target=True)]
@@ -28,9 +32,7 @@ class TextRegression(Task):
 
     def preprocess(self, examples, tokenizer, with_targets):
         features = tokenizer(examples[self.text_column], truncation=True, max_length=self.max_length)
-        if with_targets:
-            features["labels"] = [float(y) for y in examples[self.target_column]]
-        return features
+        return {**features, "labels": [float(y) for y in examples[self.target_column]]} if with_targets else features
 
     def loss(self, outputs, batch):
         return F.mse_loss(outputs.logits.squeeze(-1), batch["labels"])

@@ -91,9 +91,9 @@ class StopOnSignal(Callback):
         raise StoppedBySignal(signal_name)
 
 
-def check_checkpoint(path: str, model_config: Any = None) -> None:
-    """Before anything loads: `path` is a finetune checkpoint of the current format, and of the task the
-    config names (if it names one). Lightning's own names (`last`, `best`) are left to Lightning."""
+def read_checkpoint(path: str) -> Optional[dict[str, Any]]:
+    """The finetune checkpoint at `path` (of the current format), checked before anything loads; None for Lightning's
+    own names (`last`, `best`), which Lightning resolves."""
     import pickle
     import zipfile
 
@@ -104,12 +104,12 @@ def check_checkpoint(path: str, model_config: Any = None) -> None:
     file = Path(path)
     if not file.is_file():
         if path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
-            return
+            return None
         raise InputError(f"--ckpt_path: {path!r} does not exist")
     if not zipfile.is_zipfile(file):
         raise InputError(f"--ckpt_path: {path!r} is not a checkpoint (not a file torch.save writes)")
     try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
         raise InputError(f"--ckpt_path: refusing to load a checkpoint that holds pickled Python objects, which could "
                          f"run code when loaded: {path!r} (finetune checkpoints hold only tensors and data)") from err
@@ -118,6 +118,15 @@ def check_checkpoint(path: str, model_config: Any = None) -> None:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise InputError(f"--ckpt_path: {path!r} is not a Lightning checkpoint")
     check_format(checkpoint, repr(path))
+    return checkpoint
+
+
+def check_checkpoint(path: str, model_config: Any = None) -> None:
+    """Before anything loads: `path` is a finetune checkpoint of the current format, and of the task the
+    config names (if it names one)."""
+    checkpoint = read_checkpoint(path)
+    if checkpoint is None:
+        return
     saved = checkpoint.get("hyper_parameters", {}).get("task", {}).get("class_path", "")
     named = getattr(getattr(model_config, "task", None), "class_path", None) if model_config is not None else None
     if saved and named and named.rpartition(".")[2] != saved.rpartition(".")[2]:

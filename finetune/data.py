@@ -1,14 +1,14 @@
 """The data module: each split read once, checked against the task's declared columns, tokenized once
 (cached by `datasets.map`) and batched by length.
 
-It is task-agnostic: the module's task says what it reads and how examples become features, the
-module's tokenizer how to tokenize (one source of truth for the backbone).
+It is task-agnostic: `connect` gives it the task (what it reads, how examples become features) and the
+backbone's tokenizer; it gives back the task with what it learned from the training rows.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import datasets
 import pyarrow.compute as pc
@@ -83,6 +83,8 @@ class DataModule(LightningDataModule):
         self.features: dict[str, datasets.Dataset] = {}
         #: What each split's metrics and prediction merging need (`Task.split_context`).
         self.contexts: dict[str, Any] = {}
+        self.task: Optional[Task] = None  # (and the tokenizer: given by `connect`)
+        self.tokenizer: Any = None
         self.resume_position: Optional[dict[str, int]] = None
 
     def where(self, split: str) -> str:
@@ -91,9 +93,12 @@ class DataModule(LightningDataModule):
             return f"data.{FILE_OPTIONS[split]} ({self.files[split]})"
         return f"data.dataset ({self.dataset}, split {self.dataset_splits[split]!r})"
 
-    def read(self, split: str, required: bool = True) -> Optional[datasets.Dataset]:
+    def has(self, split: str) -> bool:
+        """Whether the config gives the split (a file, or a dataset, which may lack it)."""
+        return self.files[split] is not None or self.dataset is not None
+
+    def read(self, split: str, task: Task, required: bool = True) -> Optional[datasets.Dataset]:
         """The raw split, or None when the config gives none and it is not `required`."""
-        task: Task = self.trainer.lightning_module.task
         if self.files[split] is not None:
             path = self.files[split]
             check_data_file(f"data.{FILE_OPTIONS[split]}", path)
@@ -109,31 +114,40 @@ class DataModule(LightningDataModule):
             raise InputError(f"data.{FILE_OPTIONS[split]} is required for `{stage}` (or data.dataset with that split)")
         return None
 
-    # --- Lightning hooks -----------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        module = self.trainer.lightning_module
+    def connect(self, task: Task, tokenizer: Any, stage: str) -> Task:
+        """Reads the splits of `stage` for `task` (settled from the backbone) and `tokenizer`: the core checks the
+        declared columns, the training rows teach the task what it learns (`Task.learn`), then each split's rows
+        are checked, its context kept (`contexts`) and its features made. Returns the task with what it learned,
+        which the module must train and evaluate (`finetune.pipeline.connect` hands it over)."""
+        self.tokenizer = tokenizer
         for split in STAGE_SPLITS[stage]:
-            rows = self.read(split, required=not (stage == "fit" and split == "val"))  # validation is optional
+            rows = self.read(split, task, required=not (stage == "fit" and split == "val"))  # validation: optional
             if rows is None:
                 continue
             where = self.where(split)
-            check_columns(module.task, rows, split, where)
+            check_columns(task, rows, split, where)
             if split == "train":
-                module.task = module.task.with_options(**module.task.learn(rows))
-            task = module.task
+                task = task.with_options(**task.learn(rows))
             task.check_rows(split, rows, where)
             self.contexts[split] = task.split_context(split, rows)
             with_targets = split != "predict"
             self.features[split] = rows.map(
                 make_features, batched=True, with_indices=True, remove_columns=rows.column_names,
-                fn_kwargs={"task": task, "tokenizer": module.tokenizer, "with_targets": with_targets},
+                fn_kwargs={"task": task, "tokenizer": tokenizer, "with_targets": with_targets},
                 num_proc=self.preprocessing_workers, desc=f"Tokenizing {split}",
             )
-            warn_truncated(task, module.tokenizer, rows, self.features[split], split, where, with_targets)
+            warn_truncated(task, tokenizer, rows, self.features[split], split, where, with_targets)
+        self.task = task
+        return task
+
+    # --- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.task is None:
+            raise RuntimeError("DataModule: not connected to a model; call finetune.pipeline.connect(model, data, "
+                               "stage) before trainer.fit/validate/test/predict (the `finetune` command does)")
 
     def loader(self, split: str, train: bool) -> DataLoader:
         features = self.features[split]
-        task, tokenizer = self.trainer.lightning_module.task, self.trainer.lightning_module.tokenizer
         lengths = features.with_format("arrow")["length"].to_pylist()  # a list: the sampler indexes it often
         batch_size = self.batch_size if train else self.eval_batch_size
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
@@ -143,12 +157,16 @@ class DataModule(LightningDataModule):
         else:
             sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train,
                                                 group=self.group_by_length or not train, rank=rank,
-                                                world_size=world_size, row_tokens=task.packed_row_length())
-            batching = {"batch_sampler": ResumableBatches(sampler, self.epoch_position) if train else sampler}
-        return DataLoader(
+                                                world_size=world_size, row_tokens=self.task.packed_row_length())
+            batching = {"batch_sampler": sampler}
+            if train:
+                batching = {"batch_sampler": ResumableBatches(sampler, self.epoch_position),
+                            "position": self.training_position, "resume_at": self.resume_at}
+        return (TrainingLoader if train else DataLoader)(
             features,
             **batching,
-            collate_fn=functools.partial(collate, task=task, tokenizer=tokenizer, with_targets=split != "predict"),
+            collate_fn=functools.partial(collate, task=self.task, tokenizer=self.tokenizer,
+                                         with_targets=split != "predict"),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
@@ -161,18 +179,17 @@ class DataModule(LightningDataModule):
             skip = resume["batches_done"]
         return epoch, skip
 
-    # Checkpoints store where training is in the epoch, so a resumed run continues with the next
-    # batch of the same order (Lightning calls these when saving and restoring).
-    def state_dict(self) -> dict[str, int]:
-        if self.trainer is None or not self.trainer.training:
-            return {}
-        return {"epoch": self.trainer.current_epoch, "batches_done": self.trainer.lightning_module.batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.resume_position = state or None
-
     def train_dataloader(self) -> DataLoader:
         return self.loader("train", train=True)
+
+    def training_position(self) -> dict[str, int]:
+        """Where training is: the epoch, and how many of its batches are trained (checkpoints are saved after a
+        batch is processed, or at the epoch's end)."""
+        return {"epoch": self.trainer.current_epoch,
+                "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def resume_at(self, position: dict[str, int]) -> None:
+        self.resume_position = position or None
 
     def val_dataloader(self) -> Any:
         return self.loader("val", train=False) if "val" in self.features else []
@@ -182,6 +199,23 @@ class DataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self.loader("predict", train=False)
+
+
+class TrainingLoader(DataLoader):
+    """The training loader, resumable: Lightning saves its `state_dict` (where training is in the epoch) in
+    checkpoints and gives it back to `load_state_dict` on resume, so a resumed run continues with the next batch
+    of the same order."""
+
+    def __init__(self, *args: Any, position: Callable[[], dict[str, int]],
+                 resume_at: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position, self.resume_at = position, resume_at
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(state)
 
 
 class LongerByOne:

@@ -8,6 +8,7 @@ import dataclasses
 import difflib
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -20,9 +21,10 @@ from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from finetune.checkpointing import StopOnSignal, check_checkpoint
+from finetune.checkpointing import StopOnSignal, check_checkpoint, read_checkpoint
 from finetune.console import ProgressBar, Summary
 from finetune.errors import InputError
+from finetune.pipeline import connect
 from finetune.predictions import PredictionWriter
 from finetune.preflight import check_monitors, check_output_dirs
 from finetune.runs import DiscardFailedRun, default_loggers, resolve_last, tensorboard_installed
@@ -124,12 +126,34 @@ class RunConfig(SaveConfigCallback):
             super().setup(trainer, pl_module, stage)
 
 
+def checkpoint_path(args: list[str]) -> Optional[str]:
+    """The `--ckpt_path` of a command line."""
+    found = [value for flag, value in zip(args, args[1:]) if flag == "--ckpt_path"]
+    found += [arg.split("=", 1)[1] for arg in args if arg.startswith("--ckpt_path=")]
+    return found[-1] if found else None
+
+
+def with_checkpoint_model(args: list[str], checkpoint: dict[str, Any]) -> list[str]:
+    """The command line with the checkpoint's `model.backbone` and `model.task` first, as defaults that the rest of it
+    may override: a checkpoint alone rebuilds its model, so `predict --ckpt_path C` needs no config."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    given = [f"--model.{key}={value if isinstance(value, str) else json.dumps(value)}"
+             for key in ("backbone", "task") if (value := hparams.get(key)) is not None]
+    return [*args[:1], *given, *args[1:]]
+
+
+#: What the weights of a checkpoint were trained with: `--ckpt_path` runs take it from the checkpoint.
+WEIGHT_SHAPING = ("model.backbone", "model.lora", "model.task.class_path", "model.task.init_args.labels")
+
+
 class FineTuneCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # The command line as LightningCLI reads it: `args`, else sys.argv.
         command_line = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
         check_config_files(command_line)
-        super().parse_arguments(parser, args)
+        given = checkpoint_path(command_line)
+        checkpoint = read_checkpoint(given) if given else None
+        super().parse_arguments(parser, with_checkpoint_model(command_line, checkpoint) if checkpoint else args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         if config is not None and config.get("ckpt_path") == "last":  # before LightningCLI reads the checkpoint
@@ -138,6 +162,7 @@ class FineTuneCLI(LightningCLI):
         # applied over them.
         keys = [namespace_key(config, name) for name in model_option_names(command_line)] if config else []
         self.typed_model_values = {key: config[key] for key in keys if key and not isinstance(config[key], Namespace)}
+        self.checkpoint_given = bool(config and config.get("ckpt_path"))
         if subcommand and config.get("ckpt_path"):
             check_checkpoint(config["ckpt_path"], config.get("model"))
 
@@ -148,8 +173,13 @@ class FineTuneCLI(LightningCLI):
         # erase the label set a checkpoint learned.
         config = self.config[self.subcommand] if self.subcommand else None
         for key, value in self.typed_model_values.items():
-            if config is not None and not isinstance(config.get(key), Namespace):  # a value, not a class
-                config[key] = value
+            if config is None or isinstance(config.get(key), Namespace):  # (a value, not a class)
+                continue
+            if self.checkpoint_given and key.startswith(WEIGHT_SHAPING) and config[key] != value:
+                raise InputError(f"--{key.replace('.init_args', '')} {value!r}: the checkpoint's weights were trained "
+                                 f"with {config[key]!r}; with --ckpt_path the backbone, the LoRA settings and the label "
+                                 "set come from the checkpoint (leave the option out)")
+            config[key] = value
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
@@ -173,14 +203,24 @@ class FineTuneCLI(LightningCLI):
         trainer["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
+    # The task is settled (from the backbone, then the training rows) and handed to the module and the data
+    # module before Lightning runs a stage: its hooks then only train, evaluate and predict.
     def before_fit(self) -> None:
         check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
+        connect(self.model, self.datamodule, "fit")
         check_monitors(self.trainer, self.model.task)  # ... or on a monitored metric some epochs do not report
+
+    def before_validate(self) -> None:
+        connect(self.model, self.datamodule, "validate")
+
+    def before_test(self) -> None:
+        connect(self.model, self.datamodule, "test")
 
     def before_predict(self) -> None:
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionWriter):
                 callback.check_output_file()  # before the model and the data load
+        connect(self.model, self.datamodule, "predict")
 
     def after_fit(self) -> None:
         summary = fit_summary(self.trainer, self.config["fit"])  # on every process: `trainer.log_dir` broadcasts

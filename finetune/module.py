@@ -17,8 +17,7 @@ from torchmetrics import MeanMetric
 from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError, NonFiniteLossError
 from finetune.lora import LoraSettings, apply_lora, quantized_loading
-from finetune.pipeline import STAGE_SPLITS, predict_batch
-from finetune.registry import build_task
+from finetune.pipeline import STAGE_SPLITS, merge_predictions, predict_batch, settle_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
 
@@ -61,6 +60,7 @@ class FineTuneModule(LightningModule):
         allow_pickle_weights: bool = False,
     ) -> None:
         super().__init__()
+        check_optimizer(optimizer, scheduler)  # (before the backbone loads: a bad learning rate fails in seconds)
         self.lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         self.save_hyperparameters()
         self.optimizer_factory = optimizer
@@ -72,12 +72,12 @@ class FineTuneModule(LightningModule):
         self.skip_nonfinite_batches = skip_nonfinite_batches
         self.allow_pickle_weights = allow_pickle_weights
         self.skipped_batches = 0
-        self.batches_done = 0  # of the current epoch (checkpoints store it: a resumed run continues there)
         # Loaded now, so a wrong backbone fails before any data is read; the weights load in
         # `configure_model`, once the data has told the task what it needs (e.g. the label count).
         self.backbone_config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
-        task = build_task(task)
-        self.task = task.with_options(**task.backbone_options(self.backbone_config, self.tokenizer))
+        self.task = settle_task(task, self.backbone_config, self.tokenizer)
+        #: What each split's metrics and prediction merging need (`Task.split_context`), from `connect`.
+        self.contexts: dict[str, Any] = {}
         self._store_plain_hparams()
         self.model: Optional[nn.Module] = None
         self.reference_model: Optional[nn.Module] = None  # (a frozen copy, for a task comparing to the reference)
@@ -86,6 +86,15 @@ class FineTuneModule(LightningModule):
         self.strict_loading = False
 
     # --- building --------------------------------------------------------------------------
+    def connect(self, task: Task, contexts: dict[str, Any]) -> None:
+        """The task as the data settled it (with what it learned from the training rows, e.g. the label set) and
+        the splits' contexts: before the Trainer builds the model (`finetune.pipeline.connect`)."""
+        if self.model is not None and task != self.task:
+            raise RuntimeError("FineTuneModule.connect: the model is built already, for another task")
+        self.task = task
+        self.contexts = contexts
+        self._store_plain_hparams()
+
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning calls this once per stage
             return
@@ -118,11 +127,10 @@ class FineTuneModule(LightningModule):
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in ("val", "test")})
 
     def setup(self, stage: str) -> None:
-        # Metrics are built per stage, once the data module has read the splits: they receive what the
-        # task needs of a split (its context), e.g. QA's contexts and answers.
-        contexts = self.trainer.datamodule.contexts
-        for split in (s for s in STAGE_SPLITS[stage] if s != "predict"):  # (keys are suffixed: `train` would shadow nn.Module.train)
-            self.metrics[f"{split}_metrics"] = self.task.metrics(split, contexts.get(split))
+        # Metrics are built per stage: they receive what the task needs of a split (its context), e.g. QA's
+        # contexts and answers. (Keys are suffixed: `train` would shadow nn.Module.train.)
+        for split in (s for s in STAGE_SPLITS[stage] if s != "predict"):
+            self.metrics[f"{split}_metrics"] = self.task.metrics(split, self.contexts.get(split))
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
@@ -162,7 +170,6 @@ class FineTuneModule(LightningModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) + 1_000_003 * self.global_step + self.global_rank
         accumulate = self.trainer.accumulate_grad_batches
         torch.manual_seed(seed + (7_919 * (batch_idx % accumulate) if accumulate > 1 else 0))
-        self.batches_done = batch_idx + 1  # (checkpoints are saved after the batch: it is done by then)
 
     def on_train_start(self) -> None:
         # (loss sum, items) of this process's micro-batches of the step, and of the epoch's steps (global)
@@ -220,6 +227,10 @@ class FineTuneModule(LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
         return predict_batch(self.task, self.model, self.tokenizer, batch)
+
+    def merge_predictions(self, predicted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """All predicted features of a predict run (any order) -> one row per input, in input order."""
+        return merge_predictions(self.task, predicted, self.contexts.get("predict"))
 
     def _log_metrics(self, stage: str) -> None:
         # Computed once per epoch (torchmetrics syncs the states across processes here).
@@ -300,6 +311,18 @@ class FineTuneModule(LightningModule):
                 f"unexpected: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}). "
                 "Was it written with another backbone, task or LoRA setting?"
             )
+
+
+def check_optimizer(optimizer: OptimizerCallable, scheduler: SchedulerCallable) -> None:
+    """The optimizer's and the scheduler's arguments, checked by building them for one dummy weight."""
+    try:
+        built = optimizer([nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as err:
+        raise InputError(f"model.optimizer: {err}") from err
+    try:
+        scheduler(built, 1)
+    except (ValueError, TypeError) as err:
+        raise InputError(f"model.scheduler: {err}") from err
 
 
 def check_format(checkpoint: dict[str, Any], path: str = "the checkpoint") -> None:

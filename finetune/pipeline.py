@@ -7,14 +7,35 @@ a row becomes the same features and the same prediction wherever it goes.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.registry import build_task
 from finetune.task import Task
+
+if TYPE_CHECKING:
+    from finetune.data import DataModule
+    from finetune.module import FineTuneModule
 
 #: The splits each stage reads, with metrics on all but `predict`.
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+
+
+def settle_task(spec: Any, config: Any, tokenizer: Any) -> Task:
+    """The task of a config or checkpoint (a registered name, a `{"class_path", "init_args"}` dict, a Task) with
+    the options the backbone decides (`Task.backbone_options`)."""
+    task = build_task(spec)
+    return task.with_options(**task.backbone_options(config, tokenizer))
+
+
+def connect(model: FineTuneModule, data: DataModule, stage: str) -> None:
+    """Settles the task for `stage` and hands it over, before the Trainer runs: the data module reads the stage's
+    splits for the module's task and tokenizer and learns from the training rows; the module gets the learned task
+    and the splits' contexts. `finetune fit|validate|test|predict` call it; so must a script driving its own
+    Trainer, before `trainer.fit(model, datamodule=data)` (and again before another stage)."""
+    task = data.connect(model.task, model.tokenizer, stage)
+    model.connect(task, data.contexts)
 
 
 def make_features(examples: dict[str, list], indices: list[int], task: Task, tokenizer: Any,

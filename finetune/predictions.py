@@ -12,7 +12,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from finetune.errors import InputError
-from finetune.pipeline import merge_predictions
 from finetune.preflight import unwritable
 
 
@@ -50,8 +49,7 @@ class PredictionWriter(BasePredictionWriter):
             rows = [row for share in shares for row in share]
         if not trainer.is_global_zero:
             return
-        context = trainer.datamodule.contexts.get("predict")
-        rows = merge_predictions(pl_module.task, rows, context)
+        rows = pl_module.merge_predictions(rows)
         tmp = self.output_file.with_name(self.output_file.name + ".tmp")
         with tmp.open("w", encoding="utf-8") as f:
             for row in rows:

@@ -91,6 +91,6 @@ def build_task(spec: Task | str | dict[str, Any]) -> Task:
             cls = task_class(path)
         if not (isinstance(cls, type) and issubclass(cls, Task)):
             raise InputError(f"model.task: {path!r} is not a finetune Task")
-        return cls(**spec.get("init_args", {}))
+        return cls.from_options(spec.get("init_args", {}))
     raise InputError(f"model.task: expected a task name, a Task or a class_path dict, got {spec!r}")
 

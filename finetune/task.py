@@ -22,7 +22,10 @@ length from its `input_ids`; a task never handles either.
 
 from __future__ import annotations
 
+import __future__
 import dataclasses
+import sys
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional
 
@@ -52,8 +55,17 @@ class Column:
     field: Optional[str] = None
 
 
+#: The class-level declarations of a task: annotated in a subclass, @dataclass would make them options.
+DECLARATIONS = ("head_modules", "length_limits", "compares_to_reference")
+
+
 class Task:
-    """Base class of task plugins. Subclasses are `@dataclass(frozen=True)`; their fields are the options."""
+    """Base class of task plugins. Subclasses are `@dataclass(frozen=True)`; their fields are the options, each
+    described in the class docstring's `Args:` section (shown by `finetune fit --model.task.help CLASS`)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        check_declaration(cls)
 
     #: Head modules (name suffixes) trained in full next to the LoRA adapter and saved with it.
     head_modules: ClassVar[tuple[str, ...]] = ()
@@ -183,3 +195,36 @@ class Task:
     def with_options(self, **options: Any) -> Task:
         """A copy of the task with some options changed (what `learn` and `backbone_options` return)."""
         return dataclasses.replace(self, **options) if options else self
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> Task:
+        """The task from its options as checkpoints store them (plain data): nested dataclass options (e.g.
+        generation settings) are rebuilt from their dicts by the fields' type hints."""
+        return cls(**rebuilt(cls, options))
+
+
+def rebuilt(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of dataclass `cls` from plain data: a dict given for a dataclass-typed field (or an
+    Optional one) becomes that dataclass, recursively."""
+    hints = typing.get_type_hints(cls)
+    arguments = {}
+    for name, value in values.items():
+        hint = hints.get(name)
+        types = [t for t in (hint, *typing.get_args(hint)) if isinstance(t, type) and dataclasses.is_dataclass(t)]
+        arguments[name] = types[0](**rebuilt(types[0], value)) if types and isinstance(value, dict) else value
+    return arguments
+
+
+def check_declaration(cls: type) -> None:
+    """A task class's declaration errors that would otherwise pass silently, raised when the class is defined."""
+    module = sys.modules.get(cls.__module__)
+    if getattr(module, "annotations", None) is __future__.annotations:
+        raise TypeError(f"{cls.__module__}.{cls.__qualname__}: its module has `from __future__ import annotations`, "
+                        "which leaves the option types as strings that the command line cannot check (a word would "
+                        f"pass for a number); remove that import from {getattr(module, '__file__', cls.__module__)}")
+    annotations = cls.__dict__.get("__annotations__", {})
+    for name in DECLARATIONS:
+        hint = annotations.get(name)
+        if hint is not None and hint is not ClassVar and typing.get_origin(hint) is not ClassVar:
+            raise TypeError(f"{cls.__qualname__}.{name}: annotated as {getattr(hint, '__name__', hint)}, so @dataclass "
+                            f"would make it an option; write `{name}: ClassVar[...] = ...` or leave out the annotation")

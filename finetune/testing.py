@@ -11,7 +11,8 @@
 rows, or any model directory you pass) and runs your task the way `finetune` runs it:
   1. the task's config rebuilds an equal task and is plain data (what checkpoints store);
   2. `finetune fit` for a few epochs, and in its first step, on real batches: `forward` -> `loss`
-     is a finite scalar whose gradient reaches every trainable weight; `loss_weight` is positive;
+     is a finite scalar whose gradient reaches every trainable weight; `loss_weight` is positive and
+     counts what `loss` averages over (the halves of a batch add up to the whole);
      the metrics update, compute finite values and reset to a clean state; `predict` returns one
      JSON-serialisable dict per feature and `merge_predictions` one row per example;
   3. `finetune predict` from the saved checkpoint writes the same predictions as the model in memory;
@@ -30,7 +31,6 @@ import math
 import os
 import subprocess
 import sys
-import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torchmetrics import Metric, MetricCollection
 
 from finetune.columns import declared_columns
+from finetune.pipeline import collate, connect
 from finetune.registry import build_task
 from finetune.task import Task
 
@@ -191,9 +192,10 @@ class ContractChecks(Callback):
         datamodule = trainer.datamodule
         model.eval()
         with torch.inference_mode():
+            check_loss_weight(task, pl_module, datamodule.features["train"], trainer.strategy.batch_to_device)
             val_batch = trainer.strategy.batch_to_device(next(iter(datamodule.val_dataloader())))
             check_metrics(task, pl_module, val_batch, datamodule.contexts.get("val"))
-            datamodule.setup("predict")
+            datamodule.connect(task, tokenizer, "predict")
             predict_batch = trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader())))
             check_predict(task, model, tokenizer, predict_batch, datamodule.contexts.get("predict"))
         model.train()
@@ -220,6 +222,27 @@ def check_loss(task: Task, module: Any, batch: dict[str, torch.Tensor]) -> None:
     weight = task.loss_weight(batch)
     if not int(weight) > 0:
         _fail("loss_weight", f"must be a positive count of what the loss averages over, got {weight!r}")
+
+
+def check_loss_weight(task: Task, module: Any, features: Any, to_device: Any) -> None:
+    """`loss` is the mean over `loss_weight(batch)` items: on two halves of a batch of training features, the losses
+    times their weights add up to the whole batch's (the core's exact means across micro-batches and processes
+    rely on it)."""
+    rows = [features[i] for i in range(min(6, len(features)))]
+    if len(rows) < 2:
+        return
+
+    def loss_sum(part: list[dict]) -> tuple[float, int]:
+        batch = to_device(collate(part, task, module.tokenizer, with_targets=True))
+        weight = task.loss_weight(batch)
+        return float(task.loss(module.task_outputs(batch), batch)) * weight, weight
+
+    (whole, items), (first, first_items), (second, second_items) = (
+        loss_sum(rows), loss_sum(rows[:len(rows) // 2]), loss_sum(rows[len(rows) // 2:]))
+    if items != first_items + second_items or not math.isclose(whole, first + second, rel_tol=1e-3, abs_tol=1e-4):
+        _fail("loss_weight", f"the batch's loss x loss_weight is {whole:.6g} over {items} items, its halves' "
+                             f"{first:.6g} over {first_items} + {second:.6g} over {second_items}: `loss` must be the "
+                             "mean over the `loss_weight(batch)` items it counts (rows, or target tokens)")
 
 
 def check_metrics(task: Task, module: Any, batch: dict[str, torch.Tensor], context: Any) -> None:
@@ -306,7 +329,6 @@ def check_task(
         _fail("config", "does not rebuild an equal task from its stored options")
     if config["class_path"].startswith("__main__."):
         _fail("config", "the task class is defined in __main__; define it in an importable module")
-    check_option_types(task)
     if not rows:
         raise ValueError("check_task needs some rows of data")
     inputs = {name for _, name in declared_columns(task, "predict")}
@@ -332,6 +354,7 @@ def check_task(
                f"--trainer.default_root_dir={workdir}", f"--predictions.output_file={in_memory}"])
     train_losses = [float(r["train/loss_epoch"]) for r in _csv_rows(workdir / "logs") if r.get("train/loss_epoch")]
     (checkpoint,) = checkpoints.glob("*.ckpt")
+    connect(cli.model, cli.datamodule, "predict")
     cli.trainer.predict(cli.model, datamodule=cli.datamodule)
 
     # a checkpoint restores the task and its weights: the same predictions as the model in memory
@@ -368,27 +391,6 @@ def check_task(
         if not _close(_read_jsonl(spread_file), predictions):
             _fail("merge_predictions", f"predictions with {processes} processes differ from those with one")
     return report
-
-
-def check_option_types(task: Task) -> None:
-    """The CLI must be able to type the task's options: an int option given a word is refused. (jsonargparse
-    cannot evaluate the annotations of some dataclasses written under `from __future__ import annotations`,
-    and then accepts any value.)"""
-    from jsonargparse import ArgumentParser
-
-    hints = typing.get_type_hints(type(task))
-    numeric = next((f.name for f in dataclasses.fields(task) if hints.get(f.name) is int), None)
-    if numeric is None:
-        return
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--task", type=Task)
-    wrong = {"class_path": task.config()["class_path"], "init_args": {numeric: "not a number"}}
-    try:
-        parser.parse_args(["--task", json.dumps(wrong)])
-    except Exception:  # (jsonargparse's ArgumentError: refused, as it must be)
-        return
-    _fail("config", f"the command line accepts {numeric}='not a number' for an int option: the CLI cannot "
-                    "resolve the option types (remove `from __future__ import annotations` from the task's module)")
 
 
 def _is_frozen(task: Task) -> bool:

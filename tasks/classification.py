@@ -24,13 +24,16 @@ Label = Union[str, int]
 
 @dataclass(frozen=True)
 class TextClassification(Task):
-    """Options:
-    text_column / text_pair_column: the text, and an optional second text (sentence pairs).
-    label_column: one label per row, or a list of labels per row when `multi_label`.
-    labels: the label set, in id order; learned from the training split when not given.
-    multi_label: several labels per text (sigmoid + binary cross-entropy) instead of one.
-    threshold: multi-label probability from which a label is predicted.
-    max_length: longer inputs are truncated to this many tokens.
+    """Text classification: single-label (softmax) or multi-label (sigmoid), of single texts or pairs.
+
+    Args:
+        text_column: the column of texts.
+        text_pair_column: a column of second texts (sentence pairs), or None.
+        label_column: one label per row, or a list of labels per row when `multi_label`.
+        labels: the label set, in id order; learned from the training split when not given.
+        multi_label: several labels per text (sigmoid + binary cross-entropy) instead of one.
+        threshold: multi-label probability from which a label is predicted.
+        max_length: longer inputs are truncated to this many tokens.
     """
 
     text_column: str = "text"

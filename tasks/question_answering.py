@@ -50,18 +50,24 @@ class SplitContext:
 
 @dataclass(frozen=True)
 class QuestionAnswering(Task):
-    """Options:
-    question_column / context_column / id_column: the question, the text holding the answer, a unique id.
-    answers_column: SQuAD's `{"text": [...], "answer_start": [...]}` (character offsets into the
-        context; empty lists: unanswerable; a null offset: the answer's first occurrence in the context).
-        Training uses the first answer; evaluation the best match.
-    max_length: tokens per window (question + context); longer contexts get several windows,
-        overlapping by `doc_stride` tokens.
-    n_best: start and end logits considered per window (and answers listed by `output_n_best`).
-    max_answer_length: longest answer, in tokens.
-    version_2_with_negative: questions may have no answer (SQuAD 2.0); the answer is "" when the
-        no-answer score beats the best span by more than `null_score_diff_threshold`.
-    output_n_best: `predict` also writes the `n_best` best answers per question.
+    """Extractive question answering: the answer is a span of the context (SQuAD 1.1 and 2.0).
+
+    Args:
+        question_column: the column of questions.
+        context_column: the column of the texts that hold the answers.
+        answers_column: SQuAD's `{"text": [...], "answer_start": [...]}` (character offsets into the
+            context; empty lists: unanswerable; a null offset: the answer's first occurrence in the context).
+            Training uses the first answer; evaluation the best match.
+        id_column: the column of unique example ids.
+        max_length: tokens per window (question + context); longer contexts get several windows,
+            overlapping by `doc_stride` tokens.
+        doc_stride: tokens two windows of one context share.
+        n_best: start and end logits considered per window (and answers listed by `output_n_best`).
+        max_answer_length: longest answer, in tokens.
+        version_2_with_negative: questions may have no answer (SQuAD 2.0); the answer is "" when the
+            no-answer score beats the best span by more than `null_score_diff_threshold`.
+        null_score_diff_threshold: how far the no-answer score must beat the best span (SQuAD 2.0).
+        output_n_best: `predict` also writes the `n_best` best answers per question.
     """
 
     question_column: str = "question"
@@ -213,10 +219,13 @@ class QuestionAnswering(Task):
 
     # --- model ---------------------------------------------------------------------------------
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # As HF's QA heads: the mean of the start and end cross-entropies.
-        start = F.cross_entropy(outputs.start_logits.float(), batch["start_positions"])
-        end = F.cross_entropy(outputs.end_logits.float(), batch["end_positions"])
-        return (start + end) / 2
+        # As HF's QA heads, the mean of the start and end cross-entropies, but over the window's tokens only: HF pads
+        # every window to max_length, finetune to the batch's longest, and padding in the softmax would make a
+        # window's loss depend on its batch.
+        padding = batch["attention_mask"] == 0
+        start, end = (logits.float().masked_fill(padding, torch.finfo(torch.float32).min)
+                      for logits in (outputs.start_logits, outputs.end_logits))
+        return (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
 
     # --- evaluation ----------------------------------------------------------------------------
     def metrics(self, split: str, context: Optional[SplitContext]) -> MetricCollection:

@@ -1,5 +1,5 @@
-"""A task module under `from __future__ import annotations`, whose options the CLI cannot type
-(tests/test_conformance.py)."""
+"""A task module under `from __future__ import annotations`, whose options the CLI cannot type: defining the
+task raises (tests/test_conformance.py)."""
 
 from __future__ import annotations
 

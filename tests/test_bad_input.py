@@ -10,7 +10,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import datasets
 import pandas as pd
@@ -28,6 +27,7 @@ from conftest import make_rows, write_jsonl
 from finetune.columns import check_columns
 from finetune.data import DataModule
 from finetune.errors import InputError
+from finetune.pipeline import connect
 from finetune.module import FineTuneModule
 from finetune.preflight import OutputDirsCheck, check_output_dirs
 from finetune.task import Column, Task
@@ -42,19 +42,11 @@ def tokenizer(tiny_bert):
     return AutoTokenizer.from_pretrained(tiny_bert)
 
 
-def data_module(task=None, tokenizer=None, **files) -> DataModule:
-    """A data module whose trainer holds just a task (and a tokenizer): reading and checking need no model."""
-    data = DataModule(**files, batch_size=4)
-    module = SimpleNamespace(task=task or TextClassification(), tokenizer=tokenizer)
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1)
-    return data
-
-
 def read_rows(path, task=None, split="train") -> list[dict]:
     """What `setup` does before tokenizing: read the split and check its columns and values."""
     task = task or TextClassification()
-    data = data_module(task, **{f"{split}_file": str(path)})
-    raw = data.read(split)
+    data = DataModule(**{f"{split}_file": str(path)})
+    raw = data.read(split, task)
     check_columns(task, raw, split, data.where(split))
     return raw.to_list()
 
@@ -200,9 +192,8 @@ def test_the_pair_column_and_the_predict_split_are_checked(tmp_path):
 def test_bad_text_stops_setup_before_tokenizing(tiny_bert, tmp_path):
     module = FineTuneModule(tiny_bert, TextClassification())
     data = DataModule(train_file=str(write(tmp_path / "x.jsonl", jsonl([*GOOD, {"text": 7, "label": "pos"}]))))
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1)
     with pytest.raises(InputError, match=r"x.jsonl\), row 3: column 'text' must hold text, got a number: 7"):
-        data.setup("fit")
+        connect(module, data, "fit")
 
 
 @dataclass(frozen=True)
@@ -286,12 +277,12 @@ def test_arrow_type_inference_errors_are_explained(tmp_path, monkeypatch):
 
 def test_unknown_dataset_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    data = data_module(dataset="no-such-org/no-such-dataset")
+    data = DataModule(dataset="no-such-org/no-such-dataset")
     with pytest.raises(InputError, match=r"^data.dataset: could not load 'no-such-org/no-such-dataset': "):
-        data.read("train")
+        data.read("train", TextClassification())
     missing = str(tmp_path / "no-such-dir")
     with pytest.raises(InputError, match=r"^data.dataset: '.*no-such-dir' does not exist"):
-        data_module(dataset=missing).read("train")
+        DataModule(dataset=missing).read("train", TextClassification())
 
 
 # --- 9. text longer than the task's maximum length ----------------------------------------------------
@@ -301,17 +292,15 @@ def test_truncation_is_warned_once_per_split(tiny_bert, tokenizer, tmp_path):
     exact = "one two three four five six"  # [CLS] + 6 tokens + [SEP]: exactly 8, not truncated
     assert len(tokenizer(exact)["input_ids"]) == 8
     rows = [{"text": exact, "label": "pos"}, {"text": "short", "label": "neg"}]
-    data = data_module(task, tokenizer, train_file=write_jsonl(tmp_path / "t.jsonl", rows),
-                       val_file=write_jsonl(tmp_path / "v.jsonl", rows))
+    data = DataModule(train_file=write_jsonl(tmp_path / "t.jsonl", rows), val_file=write_jsonl(tmp_path / "v.jsonl", rows))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        data.setup("fit")
+        data.connect(task, tokenizer, "fit")
     long = [*rows, {"text": "one two three four five six seven", "label": "pos"},
             {"text": "word " * 500, "label": "neg"}]
-    data = data_module(task, tokenizer, train_file=write_jsonl(tmp_path / "t2.jsonl", long),
-                       val_file=write_jsonl(tmp_path / "v.jsonl", rows))
+    data = DataModule(train_file=write_jsonl(tmp_path / "t2.jsonl", long), val_file=write_jsonl(tmp_path / "v.jsonl", rows))
     with pytest.warns(UserWarning) as record:
-        data.setup("fit")
+        data.connect(task, tokenizer, "fit")
     messages = [str(w.message) for w in record if "truncated" in str(w.message)]
     assert messages == [f"data.train_file ({tmp_path / 't2.jsonl'}): 2 of 4 train examples are longer than the task's "
                         "limits and were truncated (2 by max_length); raise model.task.init_args.max_length=8 to "
@@ -352,6 +341,7 @@ def test_unwritable_checkpoint_dir_stops_fit_before_training(tiny_bert, tmp_path
     data = DataModule(train_file=write_jsonl(tmp_path / "t.jsonl", make_rows(12)), batch_size=4)
     run = trainer(default_root_dir=tmp_path, max_epochs=1, use_distributed_sampler=False,
                   callbacks=[ModelCheckpoint(dirpath=under_a_file), OutputDirsCheck()])
+    connect(module, data, "fit")
     with pytest.raises(InputError, match=r"trainer.callbacks \(ModelCheckpoint\) dirpath: cannot write to"):
         run.fit(module, data)
     assert run.global_step == 0

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from conftest import REPO, reversal_rows, write_jsonl
 from finetune.checkpointing import check_checkpoint
-from finetune.cli import main
+from finetune.cli import main, run
 from finetune.columns import declared_columns
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
@@ -152,3 +152,78 @@ def test_task_options_typed_on_the_command_line_are_checked_and_kept_as_typed(ti
     with pytest.raises(SystemExit):
         main([*common, '--model.task.init_args={"prompt": "Translate: {source}"}', "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["task"]["init_args"]["prompt"] == "Translate: {source}"
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, tmp_path_factory) -> dict:
+    """A LoRA (r 8) classifier fitted for one epoch, its checkpoint and its files."""
+    from conftest import fit_args, make_rows
+
+    root = tmp_path_factory.mktemp("trained")
+    files = {"train": write_jsonl(root / "train.jsonl", make_rows(24, seed=1)),
+             "val": write_jsonl(root / "val.jsonl", make_rows(8, seed=2)),
+             "predict": write_jsonl(root / "predict.jsonl", [{"text": r["text"]} for r in make_rows(6, seed=3)])}
+    run(fit_args(tiny_bert, files, root, "--trainer.max_epochs=1", "--trainer.logger=false",
+                 "--model.lora.target_modules=null"))
+    return {"ckpt": str(next(root.rglob("*.ckpt"))), "root": root, **files}
+
+
+def test_a_checkpoint_alone_rebuilds_its_model_for_validate_test_and_predict(trained, tiny_bert, capsys):
+    """No --config, no --model.backbone / --model.task: the checkpoint holds them (issue 25.12)."""
+    alone, configured = trained["root"] / "alone.jsonl", trained["root"] / "configured.jsonl"
+    main(["predict", f"--ckpt_path={trained['ckpt']}", f"--data.predict_file={trained['predict']}",
+          f"--predictions.output_file={alone}", "--trainer.enable_progress_bar=false"])
+    main(["predict", f"--ckpt_path={trained['ckpt']}", f"--data.predict_file={trained['predict']}",
+          f"--model.backbone={tiny_bert}", "--model.task=TextClassification", f"--predictions.output_file={configured}",
+          "--trainer.enable_progress_bar=false"])
+    assert alone.read_text() == configured.read_text() and len(alone.read_text().splitlines()) == 6
+    main(["validate", f"--ckpt_path={trained['ckpt']}", f"--data.val_file={trained['val']}",
+          "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    assert re.search(r"val/accuracy\s+\S+", capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--model.lora.r=4", r"--model.lora.r 4: the checkpoint's weights were trained with 8; with --ckpt_path the "
+                         r"backbone, the LoRA settings and the label set come from the checkpoint"),
+    ('--model.task.labels=["x", "y"]', r"--model.task.labels \['x', 'y'\]: the checkpoint's weights were trained "
+                                       r"with \['neg', 'neu', 'pos'\]"),
+])
+def test_weight_shaping_options_that_contradict_the_checkpoint_are_refused(trained, option, message, capsys):
+    """A LoRA rank (or a label set) other than the checkpoint's cannot load its weights: one line, not 24 size
+    mismatches (issue 25.8)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["validate", f"--ckpt_path={trained['ckpt']}", f"--data.val_file={trained['val']}", option,
+              "--trainer.logger=false"])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--model.optimizer.init_args.lr=-0.1", r"^finetune: error: model.optimizer: Invalid learning rate: -0.1$"),
+    ("--model.scheduler.init_args.warmup_ratio=1.5", r"^finetune: error: model.scheduler: .*warmup_ratio .*1.5$"),
+])
+def test_optimizer_and_scheduler_arguments_are_checked_before_anything_loads(tiny_bert, tmp_path, option, message,
+                                                                              capsys):
+    """A negative learning rate was torch's traceback after the model loaded and the data was tokenized (issue
+    25.7): now the error comes first (here, before the missing training file is even looked at)."""
+    with pytest.raises(SystemExit):
+        main(["fit", f"--model.backbone={tiny_bert}", "--model.task=TextClassification", option,
+              f"--data.train_file={tmp_path / 'missing.jsonl'}", "--trainer.logger=false"])
+    assert re.search(message, capsys.readouterr().err.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("task", ["TextClassification", "QuestionAnswering", "Translation", "Summarization",
+                                  "InstructionTuning", "PreferenceTuning"])
+def test_every_task_option_has_help_text(task, capsys):
+    """`finetune fit --model.task.help CLASS` describes every option (from the class docstring's Args)."""
+    from finetune.registry import import_registered_tasks
+
+    import_registered_tasks()
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.task.help", task])
+    shown = capsys.readouterr().out
+    blocks = re.split(r"\n(?=  --model\.task\.)", shown.split("\n\n", 2)[-1])[1:]
+    assert len(blocks) >= 3
+    undocumented = [block.split()[0] for block in blocks
+                    if not re.sub(r"--model\.task\.\S+( [A-Z_]+)?,?", "", block.split("(type:")[0]).strip()]
+    assert not undocumented, f"options without help text: {undocumented}"

@@ -1,5 +1,6 @@
 import json
 from types import SimpleNamespace
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -9,6 +10,7 @@ from conftest import make_rows, write_jsonl
 from finetune.data import DataModule, LengthGroupedBatchSampler
 from finetune.errors import InputError
 from finetune.module import FineTuneModule
+from finetune.pipeline import connect
 from tasks.classification import TextClassification
 from tasks.instruction_tuning import InstructionTuning
 
@@ -17,8 +19,8 @@ def prepared(backbone, task=None, stage="fit", **files) -> DataModule:
     """A data module set up for `stage` against a module, as the Trainer would do it."""
     module = FineTuneModule(backbone, task or TextClassification())
     data = DataModule(**files, batch_size=8)
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1, current_epoch=0)
-    data.setup(stage)
+    data.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+    connect(module, data, stage)
     return data
 
 
@@ -43,7 +45,7 @@ def test_every_file_format_gives_the_same_features(tiny_bert, tmp_path, fmt):
     data = prepared(tiny_bert, train_file=str(path))
     reference = prepared(tiny_bert, train_file=write_jsonl(tmp_path / "ref.jsonl", rows))
     assert data.features["train"][:] == reference.features["train"][:]
-    assert data.trainer.lightning_module.task.labels == ["neg", "neu", "pos"]
+    assert data.task.labels == ["neg", "neu", "pos"]
 
 
 def test_string_labels_map_to_ids_in_sorted_order(tiny_bert, tmp_path):
@@ -55,7 +57,7 @@ def test_string_labels_map_to_ids_in_sorted_order(tiny_bert, tmp_path):
 def test_int_labels_are_kept_as_labels(tiny_bert, tmp_path):
     rows = [{"text": r["text"], "label": {"neg": 7, "neu": 3, "pos": 5}[r["label"]]} for r in make_rows(9)]
     data = prepared(tiny_bert, train_file=write_jsonl(tmp_path / "t.jsonl", rows))
-    task = data.trainer.lightning_module.task
+    task = data.task
     assert task.labels == [3, 5, 7]
     assert data.features["train"]["labels"][:3] == [1, 2, 0]
     assert task.model_kwargs()["id2label"] == {0: "3", 1: "5", 2: "7"}
@@ -65,7 +67,7 @@ def test_multi_label_rows_become_multi_hot_targets(tiny_bert, tmp_path):
     rows = [{"text": "a b", "tags": ["x", "z"]}, {"text": "c", "tags": []}, {"text": "d e f", "tags": ["y"]}]
     task = TextClassification(label_column="tags", multi_label=True)
     data = prepared(tiny_bert, task, train_file=write_jsonl(tmp_path / "t.jsonl", rows))
-    assert data.trainer.lightning_module.task.labels == ["x", "y", "z"]
+    assert data.task.labels == ["x", "y", "z"]
     assert data.features["train"]["labels"] == [[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
     batch = first_batch(data)
     assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (3, 3)
@@ -76,7 +78,7 @@ def test_sentence_pairs_are_encoded_as_pairs(tiny_bert, tmp_path):
             {"premise": "it rains", "hypothesis": "it is wet", "label": "yes"}]
     task = TextClassification(text_column="premise", text_pair_column="hypothesis")
     data = prepared(tiny_bert, task, train_file=write_jsonl(tmp_path / "t.jsonl", rows))
-    tokenizer = data.trainer.lightning_module.tokenizer
+    tokenizer = data.tokenizer
     first = data.features["train"][0]
     assert tokenizer.decode(first["input_ids"]) == "[CLS] a man sleeps [SEP] nobody sleeps [SEP]"
     assert set(first["token_type_ids"]) == {0, 1}
@@ -138,10 +140,15 @@ def test_training_order_is_shuffled_differently_each_epoch_and_reproducibly():
 
 # --- bad input: each stops early with one message naming the key/file and what was expected ---
 
+class ClassificationData(DataModule):
+    """A data module that reads for a TextClassification task, without a model."""
+
+    def read(self, split: str) -> Any:
+        return super().read(split, TextClassification())
+
+
 def reader(**files) -> DataModule:
-    data = DataModule(**files)
-    data.trainer = SimpleNamespace(lightning_module=SimpleNamespace(task=TextClassification()))
-    return data
+    return ClassificationData(**files)
 
 
 def test_missing_file_is_named(tmp_path):

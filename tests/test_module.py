@@ -12,6 +12,7 @@ from finetune.data import DataModule
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
 from finetune.module import CHECKPOINT_FORMAT, FineTuneModule
+from finetune.pipeline import connect
 from tasks.classification import TextClassification
 
 
@@ -141,6 +142,7 @@ def test_accumulated_micro_batches_get_their_own_dropout_masks(tiny_bert, toy_fi
     seeds = RecordSeeds()
     module = FineTuneModule(tiny_bert, TextClassification())
     data = DataModule(train_file=toy_files["train"], batch_size=8)
+    connect(module, data, "fit")
     Trainer(accelerator="cpu", max_steps=3, accumulate_grad_batches=2, callbacks=[seeds], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, use_distributed_sampler=False).fit(module, data)
     assert len(seeds.seeds) == 6 and len({seed for _, seed in seeds.seeds}) == 6

@@ -26,13 +26,16 @@ NO_WORD = -1  # the word id of special tokens and padding
 
 @dataclass(frozen=True)
 class TokenClassification(Task):
-    """Options:
-    tokens_column / tags_column: a list of words, and a list of as many IOB2 tags.
-    labels: the tags in id order; learned from the training split when not given ("O", then B- and
-        I- of every entity type seen, sorted).
-    label_all_subtokens: train every token of a word on its tag (B- turns into I- after the first
-        token); otherwise only the first token, the others are left out of the loss.
-    max_length: longer sentences are truncated to this many tokens; words cut off are predicted O.
+    """Named-entity recognition: an IOB2 tag per word.
+
+    Args:
+        tokens_column: the column of word lists.
+        tags_column: the column of tag lists, one IOB2 tag per word.
+        labels: the tags in id order; learned from the training split when not given ("O", then B- and
+            I- of every entity type seen, sorted).
+        label_all_subtokens: train every token of a word on its tag (B- turns into I- after the first
+            token); otherwise only the first token, the others are left out of the loss.
+        max_length: longer sentences are truncated to this many tokens; words cut off are predicted O.
     """
 
     tokens_column: str = "tokens"
