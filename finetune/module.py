@@ -72,6 +72,7 @@ class FineTuneModule(LightningModule):
         self.skip_nonfinite_batches = skip_nonfinite_batches
         self.allow_pickle_weights = allow_pickle_weights
         self.skipped_batches = 0
+        self.resumed_epoch: Optional[dict[str, Any]] = None  # (from a checkpoint saved mid-epoch)
         # Loaded now, so a wrong backbone fails before any data is read; the weights load in
         # `configure_model`, once the data has told the task what it needs (e.g. the label count).
         self.backbone_config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
@@ -175,6 +176,24 @@ class FineTuneModule(LightningModule):
         # (loss sum, items) of this process's micro-batches of the step, and of the epoch's steps (global)
         self.step_totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         self.epoch_totals = torch.zeros(2, dtype=torch.float64)
+        resumed, self.resumed_epoch = self.resumed_epoch, None
+        if resumed and resumed["epoch"] == self.current_epoch:  # (mid-epoch: the epoch's metrics continue)
+            self.epoch_totals = resumed["loss_totals"].clone()
+            if self.global_rank == 0:  # (the states saved are every process's, synced: counted once)
+                for metric, states in zip(self.metrics["train_metrics"].values(), resumed["metric_states"]):
+                    for name, value in states.items():
+                        setattr(metric, name, value)
+
+    def epoch_state(self) -> dict[str, Any]:
+        """What the training epoch has summed so far (its loss totals and its metric states, over every process),
+        so that a run resumed mid-epoch reports the same epoch metrics as an uninterrupted one."""
+        metric_states = []
+        for metric in self.metrics["train_metrics"].values():
+            metric.sync(should_sync=self.trainer.world_size > 1)
+            metric_states.append({name: value.clone() if isinstance(value, torch.Tensor) else [v.clone() for v in value]
+                                  for name, value in metric.metric_state.items()})
+            metric.unsync(should_unsync=self.trainer.world_size > 1)
+        return {"epoch": self.current_epoch, "loss_totals": self.epoch_totals.clone(), "metric_states": metric_states}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
@@ -292,9 +311,12 @@ class FineTuneModule(LightningModule):
         self._store_plain_hparams()
         checkpoint["hyper_parameters"] = dict(self.hparams)
         checkpoint["finetune_format"] = CHECKPOINT_FORMAT
+        if self.trainer.training:
+            checkpoint["finetune_epoch"] = self.epoch_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_format(checkpoint)
+        self.resumed_epoch = checkpoint.get("finetune_epoch")
         trainable = self.trainable_names()
         saved = set(checkpoint["state_dict"])
         # A checkpoint that also holds the frozen weights (DeepSpeed saves the whole module) loads:

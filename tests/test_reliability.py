@@ -38,14 +38,26 @@ def uninterrupted(tiny_bert, tmp_path_factory):
              "val": write_jsonl(root / "val.jsonl", make_rows(30, seed=2))}
     result = fit_in_subprocess(tiny_bert, files, root)
     assert result.returncode == 0, result.stderr[-2000:]
-    return files, final_state(root)
+    return files, final_state(root), epoch_metrics(root)
+
+
+def epoch_metrics(root: Path) -> dict[int, dict[str, float]]:
+    """The training epochs' metrics (loss and task metrics over the epoch) of the runs under `root`, by epoch."""
+    import csv
+
+    found: dict[int, dict[str, float]] = {}
+    for path in sorted(root.glob("version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            if row.get("train/loss_epoch"):
+                found[int(row["epoch"])] = {k: float(v) for k, v in row.items() if k.startswith("train/") and v}
+    return found
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name, step", [("SIGKILL", 10), ("SIGTERM", 9)])
 def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(uninterrupted, tiny_bert, tmp_path,
                                                                        signal_name, step):
-    files, expected = uninterrupted
+    files, expected, expected_metrics = uninterrupted
     killed = fit_in_subprocess(tiny_bert, files, tmp_path, "--trainer.callbacks+=interrupt.SignalAtStep",
                                f"--trainer.callbacks.step={step}", f"--trainer.callbacks.signal_name={signal_name}")
     if signal_name == "SIGKILL":
@@ -57,6 +69,14 @@ def test_interrupted_run_resumes_to_exactly_the_uninterrupted_result(uninterrupt
         assert final_state(tmp_path)["global_step"] == step
     resumed = fit_in_subprocess(tiny_bert, files, tmp_path, f"--ckpt_path={tmp_path}/checkpoints/last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "not resumable" not in resumed.stderr  # (Lightning's warning: the training loader does resume)
+    # the epoch interrupted mid-way reports the metrics of the whole epoch, as the uninterrupted run does
+    metrics = epoch_metrics(tmp_path)
+    assert metrics.keys() == expected_metrics.keys() == {0, 1, 2}
+    for epoch, values in expected_metrics.items():
+        assert values.keys() - {"train/loss"} <= metrics[epoch].keys()
+        for name in values.keys() - {"train/loss"}:
+            assert metrics[epoch][name] == pytest.approx(values[name], rel=1e-6), (epoch, name)
     state = final_state(tmp_path)
     assert state["global_step"] == expected["global_step"] == 20  # the last periodic checkpoint of 21 steps
     for key, value in expected["state_dict"].items():  # same data order, LR schedule and dropout masks
