@@ -74,13 +74,20 @@ def check_config_files(args: list[str]) -> None:
 
 
 class FineTuneParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors about an unknown option of a class also list the valid ones."""
+    """LightningCLI's parser, whose errors say what is wrong in one line, last: an unknown option of a class also
+    lists the valid ones, and jsonargparse's dump of the union it tried is left out."""
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         # (a key unknown to a subcommand's config is found by the main parser; jsonargparse names the
         # subcommand's parser on the exception)
         hint = unknown_option_hint(message) or unknown_key_hint(message, getattr(ex, "subcommand_parser", self))
-        super().error(f"{hint}\n{message}" if hint else message, ex)
+        super().error(hint if hint and self.exit_on_error else message, ex)
+
+    def print_usage(self, file: Any = None) -> None:
+        """The first line of the usage (what an error prints before its message): the full usage of a
+        subcommand is ~70 lines of options that bury the error; `--help` lists them."""
+        lines = self.format_usage().splitlines()
+        (file or sys.stdout).write(lines[0] + (" ..." if len(lines) > 1 else "") + "\n")
 
 
 def unknown_key_hint(message: str, parser: LightningArgumentParser) -> Optional[str]:
@@ -100,19 +107,41 @@ def unknown_key_hint(message: str, parser: LightningArgumentParser) -> Optional[
 
 
 def unknown_option_hint(message: str) -> Optional[str]:
-    """'model.task: unknown option 'x'. Did you mean 'y'? Valid: ...' for jsonargparse's message about an
-    option a class does not accept. jsonargparse has no structured form of this error, so its wording
-    is read here, and only here; tests/test_bad_input.py fails when that wording changes."""
-    key = re.search(r'Parser key "([\w.]+)"', message)
-    option = re.search(r"Option '(\w+)' is not accepted", message)
-    # the class: a class_path given for the key, or the one class of an Optional[SomeDataclass] key
-    named = re.search(r"class_path '([\w.]+)'", message) or re.search(r"Subtypes: \[<class '([\w.]+)'>", message)
-    if not (key and option and named):
+    """One line for jsonargparse's message about the value of a key (a dump of the union types it tried, ending in
+    `NestedArg(...)`): 'model.task: unknown option 'x'. Did you mean 'y'? Valid: ...' for an option its class does
+    not accept, 'model.lora: option 'r' expects int, got 'eight'' for a value of the wrong type, the import error
+    of a class_path that does not load. jsonargparse has no structured form of these errors, so its wording is
+    read here, and only here; tests/test_bad_input.py fails when that wording changes."""
+    def type_name(text: str) -> str:  # "<class 'int'>": 'int'; "<class 'NoneType'>": 'None'
+        name = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+        return "None" if name == "NoneType" else name
+
+    key = re.search(r'Parser key "([\w.]+)":', message)
+    if not key:
         return None
-    valid = init_options(named.group(1))
-    close = difflib.get_close_matches(option.group(1), valid, n=1)
-    did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{key.group(1)}: unknown option {option.group(1)!r}.{did_you_mean} Valid: {', '.join(valid)}"
+    # the class: a class_path given for the key, or the one class of an Optional[SomeDataclass] key
+    named = re.search(r"class_path[= ]'([\w.]+)'", message) or re.search(r"Subtypes: \[<class '([\w.]+)'>", message)
+    option = re.search(r"Option '(\w+)' is not accepted", message)
+    if option and named:
+        valid = init_options(named.group(1))
+        close = difflib.get_close_matches(option.group(1), valid, n=1)
+        did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
+        return f"{key.group(1)}: unknown option {option.group(1)!r}.{did_you_mean} Valid: {', '.join(valid)}"
+    wrong_type = re.search(r"Expected an? (.+?)\. Got value: (.*)", message)
+    if wrong_type:
+        expected, value = type_name(wrong_type.group(1)), wrong_type.group(2).strip()
+        inner = re.findall(r'Parser key "([\w.]+)":', message)[1:]  # an option of the key's class
+        subject = f"option {inner[0]!r} expects" if inner else "expects"
+        return f"{key.group(1)}: {subject} {expected}, got {value!r}"
+    class_problem = re.search(r"Problem with given class_path '([\w.]+)':\s*(.+)", message)
+    if class_problem:
+        return f"{key.group(1)}: cannot use class_path {class_problem.group(1)!r}: {class_problem.group(2).strip()}"
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    given = re.search(r"Given value: (.*)", message)
+    if subtypes and given:  # a plain union (Optional[int], ...)
+        expected = " or ".join(type_name(t) for t in subtypes.group(1).split(", "))
+        return f"{key.group(1)}: expects {expected}, got {given.group(1).strip()!r}"
+    return None
 
 
 class RunConfig(SaveConfigCallback):

@@ -456,3 +456,25 @@ def test_unknown_config_option_names_the_key_and_lists_the_valid_ones(tmp_path, 
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(config), override])
         assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, explanation", [
+    (["--model.lora.rr", "4"], "model.lora: unknown option 'rr'. Did you mean 'r'? Valid: r, alpha, dropout, "),
+    (["--model.task.init_args.max_lenght", "64"], "model.task: unknown option 'max_lenght'. Did you mean 'max_length'?"),
+    (["--model.lora.r", "eight"], "model.lora: option 'r' expects int, got 'eight'"),
+    (["--model.task.class_path", "tasks.nope.Nope"],
+     "model.task: cannot use class_path 'tasks.nope.Nope': module 'tasks' has no attribute 'nope'"),
+    (["--trainer.max_epochs", "x"], "trainer.max_epochs: expects int or None, got 'x'"),
+])
+def test_a_bad_option_under_a_union_is_explained_in_the_last_line(capsys, override, explanation):
+    """Not ~70 lines of usage and jsonargparse's dump of the union's types ending in `NestedArg(key=..., val=...)`."""
+    from finetune.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "classification.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *override])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {explanation}"), lines
+    assert len(lines) <= 3 and lines[0].startswith("usage: finetune") and lines[0].endswith(" ...")
+    assert not any("NestedArg" in line or "Subtypes" in line for line in lines)
