@@ -24,7 +24,7 @@ from finetune.checkpointing import StopOnSignal, check_checkpoint
 from finetune.console import ProgressBar, Summary
 from finetune.errors import InputError
 from finetune.predictions import PredictionWriter
-from finetune.preflight import check_monitors, check_output_dirs
+from finetune.preflight import check_monitors, check_output_dirs, run_inputs
 from finetune.runs import DiscardFailedRun, default_loggers, resolve_last, tensorboard_installed
 
 
@@ -209,7 +209,7 @@ class FineTuneCLI(LightningCLI):
     def before_predict(self) -> None:
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionWriter):
-                callback.check_output_file()  # before the model and the data load
+                callback.check_output_file(run_inputs(self.config["predict"]))  # before the model and the data load
 
     def after_fit(self) -> None:
         summary = fit_summary(self.trainer, self.config["fit"])  # on every process: `trainer.log_dir` broadcasts

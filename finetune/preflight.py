@@ -4,6 +4,7 @@ naming the setting, instead of after its first epoch."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +46,18 @@ def output_dirs(trainer: Any) -> list[tuple[str, str]]:
     for callback in trainer.checkpoint_callbacks:
         dirs.append(("trainer.callbacks (ModelCheckpoint) dirpath", getattr(callback, "dirpath", None)))
     return [(setting, str(path)) for setting, path in dirs if path is not None and "://" not in str(path)]
+
+
+def run_inputs(config: Any) -> list[tuple[str, str]]:
+    """(setting, local path) of what a parsed `finetune` command reads: its config files, data files and
+    dataset directory, checkpoint and backbone directory (hub names and remote paths are not local)."""
+    inputs = [("--config", os.fspath(path)) for path in config.get("config") or []]
+    data, model = config.get("data") or {}, config.get("model") or {}
+    inputs += [(f"data.{option}", data.get(option))
+               for option in ("train_file", "val_file", "test_file", "predict_file", "dataset")]
+    inputs += [("ckpt_path", config.get("ckpt_path")), ("model.backbone", model.get("backbone"))]
+    return [(setting, str(path)) for setting, path in inputs
+            if path is not None and "://" not in str(path) and os.path.exists(path)]
 
 
 def unwritable(path: str) -> Optional[str]:

@@ -144,6 +144,43 @@ def test_predict_to_an_unwritable_output_fails_before_any_work(trained, tiny_ber
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("kind", ["predict_file", "predict_file as ./relative", "predict_file by a symlink",
+                                  "ckpt_path", "config file", "a file of the backbone"])
+def test_predict_refuses_to_write_over_an_input_of_the_run(trained, tiny_bert, files, tmp_path, kind, capsys,
+                                                           monkeypatch):
+    """(issue 25: predictions written over the input texts or the checkpoint, exit 0)"""
+    monkeypatch.chdir(tmp_path)
+    texts = Path(write_jsonl(tmp_path / "texts.jsonl", [{"text": "a good day"}]))
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(trained.read_bytes())
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  max_epochs: 1\n")
+    (tmp_path / "link.jsonl").symlink_to(texts)
+    output, setting, source = {
+        "predict_file": (texts, "data.predict_file", texts),
+        "predict_file as ./relative": ("./texts.jsonl", "data.predict_file", texts),
+        "predict_file by a symlink": ("link.jsonl", "data.predict_file", texts),
+        "ckpt_path": (checkpoint, "ckpt_path", checkpoint),
+        "config file": (config, "--config", config),
+        "a file of the backbone": (Path(tiny_bert) / "config.json", "model.backbone", Path(tiny_bert) / "config.json"),
+    }[kind]
+    before = source.read_bytes()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was read before the output was checked")
+
+    monkeypatch.setattr("finetune.data.DataModule.setup", no_work)
+    args = demo_args(tiny_bert, {**files, "predict": "texts.jsonl"}, tmp_path / "runs")[1:]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *args, "--config", str(config), f"--ckpt_path={checkpoint}",
+              f"--predictions.output_file={output}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"finetune: error: predictions.output_file: {str(Path(output))!r} is ") and f" {setting} (" in err
+    assert err.endswith("writing the predictions would replace it: choose another output file")
+    assert source.read_bytes() == before
+
+
 # --- 4. export refuses a non-empty directory and a file, before loading -----------------------------
 
 def test_export_checks_the_output_directory_before_loading(trained, tmp_path, capsys, monkeypatch):
