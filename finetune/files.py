@@ -11,6 +11,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -19,6 +20,11 @@ import datasets
 from finetune.errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: The deepest nesting of lists and objects in a value that a JSON file's column can hold: the Arrow schema of a
+#: file nested deeper fails to import ("Recursion level in ArrowSchema struct exceeded", pyarrow 2x, datasets 4).
+MAX_NESTING = 62
+#: The tokens of JSON text that nesting is counted from: strings (whose brackets do not count) and brackets.
+JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
 
 
 def check_data_file(setting: str, path: str) -> None:
@@ -138,6 +144,9 @@ def json_problem(text: str) -> Optional[str]:
     text = text.removeprefix("\ufeff")
     rows: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):  # one JSON list of rows
+        deep = nesting_problem(text, row_depth=2)
+        if deep:
+            return deep
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
@@ -147,6 +156,9 @@ def json_problem(text: str) -> Optional[str]:
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
+            deep = nesting_problem(line, row_depth=1, line=number)
+            if deep:
+                return deep
             try:
                 rows.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as err:
@@ -167,9 +179,36 @@ def json_problem(text: str) -> Optional[str]:
 def _is_one_document(text: str) -> bool:
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return True
+
+
+def nesting_problem(text: str, row_depth: int, line: Optional[int] = None) -> Optional[str]:
+    """The first value of JSON `text` nested deeper than MAX_NESTING (which `datasets` cannot read, and Python's
+    parser may not either), with its row and column. The rows of `text` are the objects at `row_depth`: 1 for a
+    line of JSON Lines (`line`: its number), 2 for a JSON list of rows. Counted from the text's brackets, before
+    it is parsed; a text with few brackets is not scanned."""
+    if text.count("[") + text.count("{") <= MAX_NESTING + row_depth:
+        return None
+    depth, row, column, key = 0, 0, "", ""
+    for token in JSON_TOKENS.finditer(text):
+        kind = token.group()[0]
+        if kind in "[{":
+            depth += 1
+            row += depth == row_depth
+            if depth - row_depth > MAX_NESTING:
+                where = f"line {line}" if line is not None else f"item {row} of the list"
+                what = f"column {column!r}" if column else "the row"
+                return (f"{where}: {what} nests lists or objects more than {MAX_NESTING} levels deep, which cannot be "
+                        f"read (the limit is {MAX_NESTING}); flatten it or drop the column")
+        elif kind in "]}":
+            depth -= 1
+        elif kind == ":" and depth == row_depth:
+            column = key
+        elif kind == '"' and depth == row_depth:
+            key = token.group()[1:-1]  # (as written: a key's escapes are not decoded)
+    return None
 
 
 def csv_problem(text: str) -> Optional[str]:

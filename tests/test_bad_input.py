@@ -95,6 +95,36 @@ def test_lines_that_are_not_objects_are_named(tmp_path):
         read_rows(path)
 
 
+def nested(depth: int, opener: str = "{") -> str:
+    """JSON text of a value `depth` lists or objects deep."""
+    if opener == "[":
+        return "[" * depth + "1" + "]" * depth
+    return '{"a": ' * depth + '"x \\" ]]" ' + "}" * depth  # (brackets in a string do not count)
+
+
+@pytest.mark.parametrize("depth", [63, 100, 5000])
+@pytest.mark.parametrize("opener", ["{", "["])
+@pytest.mark.parametrize("layout", ["jsonl", "json list"])
+def test_a_value_nested_too_deep_names_file_row_column_and_limit(tmp_path, depth, opener, layout):
+    """(issue 25: a RecursionError traceback at 5,000 levels, an unlocated Arrow error at 100) in a column the
+    task does not even read."""
+    good = json.dumps(GOOD[0])
+    deep = f'{{"text": "a [bad] day", "label": "neg", "meta": {nested(depth, opener)}}}'
+    if layout == "jsonl":
+        path, where = write(tmp_path / "x.jsonl", f"{good}\n{good}\n{deep}\n"), "line 3"
+    else:
+        path, where = write(tmp_path / "x.json", f"[{good},\n {deep}]"), "item 2 of the list"
+    with pytest.raises(InputError, match=rf"^data.train_file \(.*{path.name}\): could not be read: {where}: column "
+                                         r"'meta' nests lists or objects more than 62 levels deep, which cannot be "
+                                         r"read \(the limit is 62\); flatten it or drop the column$"):
+        read_rows(path)
+
+
+def test_a_value_nested_as_deep_as_the_limit_reads(tmp_path):
+    deep = {"text": "a bad day", "label": "neg", "meta": json.loads(nested(62))}
+    assert read_rows(write(tmp_path / "x.jsonl", jsonl([GOOD[0], deep])))[1] == deep
+
+
 def test_the_line_scan_runs_only_when_reading_fails(tmp_path, monkeypatch):
     def scan(*args, **kwargs):
         raise AssertionError("scanned a file that read fine")
