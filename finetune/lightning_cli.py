@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from finetune.checkpointing import StopOnSignal, check_checkpoint
-from finetune.console import ProgressBar, Summary
+from finetune.console import LoggingInterval, ProgressBar, Summary
 from finetune.errors import InputError
 from finetune.predictions import PredictionWriter
 from finetune.preflight import check_monitors, check_output_dirs, run_inputs
@@ -193,6 +193,7 @@ class FineTuneCLI(LightningCLI):
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
             callbacks.append(Summary())
             kwargs["enable_model_summary"] = False  # (Lightning's own would be added otherwise; ours is there)
+        callbacks.append(LoggingInterval())
         if trainer.get("logger") in (None, True):  # not set: finetune's run directories
             if self.subcommand == "predict":  # predictions go to predictions.output_file; nothing to log
                 kwargs["logger"] = False
@@ -204,7 +205,9 @@ class FineTuneCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
-        check_monitors(self.trainer, self.model.task)  # ... or on a monitored metric some epochs do not report
+        # ... or on a monitored metric some epochs do not report
+        has_validation_data = self.datamodule.files["val"] is not None or self.datamodule.dataset is not None
+        check_monitors(self.trainer, self.model.task, has_validation_data)
 
     def before_predict(self) -> None:
         for callback in self.trainer.callbacks:

@@ -3,6 +3,7 @@ outputs checked before the work, clear messages, and a console that shows only w
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -297,6 +298,22 @@ def test_a_clean_fit_then_predict_print_only_what_a_user_needs(tiny_bert, files,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "predictions.jsonl", "version_0", "version_1",
                                                          "version_2"]
     assert not any(cwd.iterdir())
+
+
+def test_a_small_fit_without_validation_says_what_it_keeps_and_logs_every_epoch(tiny_bert, files, tmp_path):
+    """(issue 25) The demo config without validation data (it monitors val/accuracy) on 24 rows: 2 batches an epoch
+    against its log_every_n_steps of 10. Lightning warned that the monitored key is missing, that the validation
+    loader is empty and that the logging interval is longer than the epoch (and logged no training step)."""
+    args = [arg for arg in demo_args(tiny_bert, files, tmp_path, "--data.val_file=null", "--trainer.max_epochs=2")
+            if not arg.startswith(("--trainer.log_every_n_steps", f"--data.val_file={files['val']}"))]
+    console = run_quietly(args, tmp_path)
+    assert ("No validation data (data.val_file): RunCheckpoint keeps last.ckpt only (it ranks checkpoints by "
+            "'val/accuracy', which only validation reports)") in console
+    run_dir = tmp_path / "version_0"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
+    with open(run_dir / "metrics.csv") as f:
+        steps = [(row["epoch"], row["step"]) for row in csv.DictReader(f) if row["train/loss"]]
+    assert steps == [("0", "1"), ("1", "3")]  # the last batch of each epoch
 
 
 def test_a_run_that_fails_before_training_leaves_no_directory(tiny_bert, files, tmp_path, capsys):
