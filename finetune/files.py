@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -148,7 +149,7 @@ def json_problem(text: str) -> Optional[str]:
         if deep:
             return deep
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=json_object)
         except json.JSONDecodeError as err:
             return f"line {err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
         rows = [(f"item {i} of the list", row) for i, row in enumerate(document, start=1)]
@@ -160,7 +161,7 @@ def json_problem(text: str) -> Optional[str]:
             if deep:
                 return deep
             try:
-                rows.append((f"line {number}", json.loads(line)))
+                rows.append((f"line {number}", json.loads(line, object_pairs_hook=json_object)))
             except json.JSONDecodeError as err:
                 if not rows and _is_one_document(text):
                     return ("the file holds one JSON object over several lines; expected JSON Lines (one object per "
@@ -169,11 +170,38 @@ def json_problem(text: str) -> Optional[str]:
     for where, row in rows:
         if not isinstance(row, dict):
             return f"{where} is {value_kind(row) or 'null'} ({row!r:.60}), not an object {{...}} (one object per row)"
+        twice = key_given_twice(row)
+        if twice is not None:
+            return f"{where}: key {twice!r} appears twice in one object; keep one (JSON keys must be unique)"
     for column in dict.fromkeys(key for _, row in rows for key in row):
         problem = mixed_type_problem(column, ((where, row.get(column)) for where, row in rows))
         if problem:
             return problem
     return None
+
+
+class KeyGivenTwice(dict):
+    """A JSON object that gives `key` more than once (`json` keeps the last value; `datasets` refuses the file)."""
+
+    key: str
+
+
+def json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json`'s object_pairs_hook: the object as a dict, a KeyGivenTwice when a key is given more than once."""
+    row = dict(pairs)
+    if len(row) == len(pairs):
+        return row
+    marked = KeyGivenTwice(row)
+    marked.key = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    return marked
+
+
+def key_given_twice(value: Any) -> Optional[str]:
+    """The first key given twice in an object in `value` (at any depth), or None."""
+    if isinstance(value, KeyGivenTwice):
+        return value.key
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((key for child in children if (key := key_given_twice(child)) is not None), None)
 
 
 def _is_one_document(text: str) -> bool:

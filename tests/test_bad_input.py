@@ -95,6 +95,18 @@ def test_lines_that_are_not_objects_are_named(tmp_path):
         read_rows(path)
 
 
+@pytest.mark.parametrize("line, content", [(1, '{"text": "a", "text": "b", "label": "neg"}'),
+                                           (3, '{"text": "a", "label": "neg", "meta": {"k": 1, "k": 2}}')])
+def test_a_key_given_twice_names_the_line_counted_from_one(tmp_path, line, content):
+    """(issue 25: Arrow's message, "Column(/text) was specified twice in row 0", counted rows from 0)"""
+    lines = [json.dumps(GOOD[0]), json.dumps(GOOD[1])]
+    lines.insert(line - 1, content)
+    key = "text" if line == 1 else "k"
+    with pytest.raises(InputError, match=rf"^data.train_file \(.*x.jsonl\): could not be read: line {line}: key "
+                                         rf"'{key}' appears twice in one object; keep one \(JSON keys must be unique\)$"):
+        read_rows(write(tmp_path / "x.jsonl", "\n".join(lines) + "\n"))
+
+
 def nested(depth: int, opener: str = "{") -> str:
     """JSON text of a value `depth` lists or objects deep."""
     if opener == "[":
