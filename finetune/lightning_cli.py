@@ -204,10 +204,11 @@ class FineTuneCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
-        check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
-        # ... or on a monitored metric some epochs do not report
+        # Fail in seconds, not after an epoch, on a monitored metric some epochs do not report, or on unwritable
+        # outputs (checked last: it creates the output directories).
         has_validation_data = self.datamodule.files["val"] is not None or self.datamodule.dataset is not None
         check_monitors(self.trainer, self.model.task, has_validation_data)
+        check_output_dirs(self.trainer)
 
     def before_predict(self) -> None:
         for callback in self.trainer.callbacks:

@@ -319,11 +319,21 @@ def test_a_small_fit_without_validation_says_what_it_keeps_and_logs_every_epoch(
 def test_a_run_that_fails_before_training_leaves_no_directory(tiny_bert, files, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for _ in range(2):
-        with pytest.raises(SystemExit):
-            main(demo_args(tiny_bert, {**files, "train": str(empty)}, tmp_path / "runs"))
-    assert "is empty" in capsys.readouterr().err
-    assert not list((tmp_path / "runs").glob("version_*"))
+    (tmp_path / "existing").mkdir()
+    for root in (tmp_path / "new" / "runs", tmp_path / "existing"):
+        for _ in range(2):
+            with pytest.raises(SystemExit):
+                main(demo_args(tiny_bert, {**files, "train": str(empty)}, root))
+        assert "is empty" in capsys.readouterr().err
+    # the root it created is gone with the run's directory (issue 25), the user's own directory is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "existing"]
+    assert not any((tmp_path / "existing").iterdir())
+    # a run refused before the Trainer starts creates no directory
+    with pytest.raises(SystemExit):
+        main(demo_args(tiny_bert, files, tmp_path / "new" / "runs", "--data.val_file=null",
+                       "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/loss"))
+    assert "EarlyStopping monitors 'val/loss', but the run has no validation data" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_without_a_logger_nothing_is_written_to_the_current_directory(tiny_bert, toy_files, tmp_path, monkeypatch):
