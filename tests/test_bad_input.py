@@ -103,7 +103,8 @@ def test_a_key_given_twice_names_the_line_counted_from_one(tmp_path, line, conte
     lines.insert(line - 1, content)
     key = "text" if line == 1 else "k"
     with pytest.raises(InputError, match=rf"^data.train_file \(.*x.jsonl\): could not be read: line {line}: key "
-                                         rf"'{key}' appears twice in one object; keep one \(JSON keys must be unique\)$"):
+                                         rf"'{key}' appears twice in one object; keep one \(JSON keys must be "
+                                         r"unique\)$"):
         read_rows(write(tmp_path / "x.jsonl", "\n".join(lines) + "\n"))
 
 
@@ -502,7 +503,8 @@ def test_unknown_config_option_names_the_key_and_lists_the_valid_ones(tmp_path, 
 
 @pytest.mark.parametrize("override, explanation", [
     (["--model.lora.rr", "4"], "model.lora: unknown option 'rr'. Did you mean 'r'? Valid: r, alpha, dropout, "),
-    (["--model.task.init_args.max_lenght", "64"], "model.task: unknown option 'max_lenght'. Did you mean 'max_length'?"),
+    (["--model.task.init_args.max_lenght", "64"],
+     "model.task: unknown option 'max_lenght'. Did you mean 'max_length'?"),
     (["--model.lora.r", "eight"], "model.lora: option 'r' expects int, got 'eight'"),
     (["--model.task.class_path", "tasks.nope.Nope"],
      "model.task: cannot use class_path 'tasks.nope.Nope': module 'tasks' has no attribute 'nope'"),

@@ -177,7 +177,8 @@ def test_predict_refuses_to_write_over_an_input_of_the_run(trained, tiny_bert, f
               f"--predictions.output_file={output}"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"finetune: error: predictions.output_file: {str(Path(output))!r} is ") and f" {setting} (" in err
+    assert err.startswith(f"finetune: error: predictions.output_file: {str(Path(output))!r} is ")
+    assert f" {setting} (" in err
     assert err.endswith("writing the predictions would replace it: choose another output file")
     assert source.read_bytes() == before
 
