@@ -34,14 +34,15 @@ class PredictionWriter(BasePredictionWriter):
             raise InputError(f"predictions.output_file: {str(file)!r} is a directory; expected a file path "
                              f"such as {str(file / 'predictions.jsonl')!r}")
         for setting, path in inputs:
-            if os.path.isdir(path):
+            directory = os.path.isdir(path)
+            if directory:
                 replaced = file.exists() and Path(os.path.realpath(file)).is_relative_to(os.path.realpath(path))
             else:
                 replaced = file.exists() and os.path.samefile(file, path)
             if replaced:
-                what = "a file inside" if os.path.isdir(path) else "the file of"
-                raise InputError(f"predictions.output_file: {str(file)!r} is {what} {setting} ({path!r}); writing "
-                                 "the predictions would replace it: choose another output file")
+                raise InputError(f"predictions.output_file: {str(file)!r} is {'a file inside ' if directory else ''}"
+                                 f"{setting} ({path!r}); writing the predictions would replace it: choose another "
+                                 "output file")
         problem = unwritable(str(file.parent))
         if problem is None and file.exists() and not os.access(file, os.W_OK):
             problem = "the file is read-only"
