@@ -10,7 +10,7 @@ import logging
 import warnings
 from typing import Any
 
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelSummary, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
@@ -113,3 +113,19 @@ class Summary(ModelSummary):
         lines.append(f"Trainable params: {get_human_readable_count(trainable_parameters)} ({share:.2f}%) of "
                      f"{get_human_readable_count(total_parameters)}, {model_size:.1f} MB")
         rank_zero_info("\n".join(lines))
+
+
+class LoggingInterval(Callback):
+    """Logs the training metrics at least once an epoch: an epoch with fewer batches than
+    `trainer.log_every_n_steps` (a small data set, or the demo config's 10 on a few rows) logs every epoch's batches
+    instead of none, without Lightning's warning that the interval is longer than the epoch. (Set on `setup`, when
+    the data module has read its data: the fit loop counts the epoch's batches, and warns, later.)"""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit" or trainer.datamodule is None:
+            return
+        batches = len(trainer.datamodule.train_dataloader())
+        limit = trainer.limit_train_batches  # (as Lightning applies it: a number of batches, or a fraction)
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        if 0 < batches < trainer.log_every_n_steps:
+            trainer.log_every_n_steps = batches

@@ -11,6 +11,8 @@ import contextlib
 import csv
 import io
 import json
+import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -19,6 +21,11 @@ import datasets
 from finetune.errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: The deepest nesting of lists and objects in a value that a JSON file's column can hold: the Arrow schema of a
+#: file nested deeper fails to import ("Recursion level in ArrowSchema struct exceeded", pyarrow 2x, datasets 4).
+MAX_NESTING = 62
+#: The tokens of JSON text that nesting is counted from: strings (whose brackets do not count) and brackets.
+JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:]')
 
 
 def check_data_file(setting: str, path: str) -> None:
@@ -138,8 +145,11 @@ def json_problem(text: str) -> Optional[str]:
     text = text.removeprefix("\ufeff")
     rows: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):  # one JSON list of rows
+        deep = nesting_problem(text, row_depth=2)
+        if deep:
+            return deep
         try:
-            document = json.loads(text)
+            document = json.loads(text, object_pairs_hook=json_object)
         except json.JSONDecodeError as err:
             return f"line {err.lineno}: invalid JSON: {err.msg} (column {err.colno})"
         rows = [(f"item {i} of the list", row) for i, row in enumerate(document, start=1)]
@@ -147,8 +157,11 @@ def json_problem(text: str) -> Optional[str]:
         for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
+            deep = nesting_problem(line, row_depth=1, line=number)
+            if deep:
+                return deep
             try:
-                rows.append((f"line {number}", json.loads(line)))
+                rows.append((f"line {number}", json.loads(line, object_pairs_hook=json_object)))
             except json.JSONDecodeError as err:
                 if not rows and _is_one_document(text):
                     return ("the file holds one JSON object over several lines; expected JSON Lines (one object per "
@@ -157,6 +170,9 @@ def json_problem(text: str) -> Optional[str]:
     for where, row in rows:
         if not isinstance(row, dict):
             return f"{where} is {value_kind(row) or 'null'} ({row!r:.60}), not an object {{...}} (one object per row)"
+        twice = key_given_twice(row)
+        if twice is not None:
+            return f"{where}: key {twice!r} appears twice in one object; keep one (JSON keys must be unique)"
     for column in dict.fromkeys(key for _, row in rows for key in row):
         problem = mixed_type_problem(column, ((where, row.get(column)) for where, row in rows))
         if problem:
@@ -164,12 +180,63 @@ def json_problem(text: str) -> Optional[str]:
     return None
 
 
+class KeyGivenTwice(dict):
+    """A JSON object that gives `key` more than once (`json` keeps the last value; `datasets` refuses the file)."""
+
+    key: str
+
+
+def json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json`'s object_pairs_hook: the object as a dict, a KeyGivenTwice when a key is given more than once."""
+    row = dict(pairs)
+    if len(row) == len(pairs):
+        return row
+    marked = KeyGivenTwice(row)
+    marked.key = next(key for key, count in Counter(key for key, _ in pairs).items() if count > 1)
+    return marked
+
+
+def key_given_twice(value: Any) -> Optional[str]:
+    """The first key given twice in an object in `value` (at any depth), or None."""
+    if isinstance(value, KeyGivenTwice):
+        return value.key
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return next((key for child in children if (key := key_given_twice(child)) is not None), None)
+
+
 def _is_one_document(text: str) -> bool:
     try:
         json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
     return True
+
+
+def nesting_problem(text: str, row_depth: int, line: Optional[int] = None) -> Optional[str]:
+    """The first value of JSON `text` nested deeper than MAX_NESTING (which `datasets` cannot read, and Python's
+    parser may not either), with its row and column. The rows of `text` are the objects at `row_depth`: 1 for a
+    line of JSON Lines (`line`: its number), 2 for a JSON list of rows. Counted from the text's brackets, before
+    it is parsed; a text with few brackets is not scanned."""
+    if text.count("[") + text.count("{") <= MAX_NESTING + row_depth:
+        return None
+    depth, row, column, key = 0, 0, "", ""
+    for token in JSON_TOKENS.finditer(text):
+        kind = token.group()[0]
+        if kind in "[{":
+            depth += 1
+            row += depth == row_depth
+            if depth - row_depth > MAX_NESTING:
+                where = f"line {line}" if line is not None else f"item {row} of the list"
+                what = f"column {column!r}" if column else "the row"
+                return (f"{where}: {what} nests lists or objects more than {MAX_NESTING} levels deep, which cannot be "
+                        f"read (the limit is {MAX_NESTING}); flatten it or drop the column")
+        elif kind in "]}":
+            depth -= 1
+        elif kind == ":" and depth == row_depth:
+            column = key
+        elif kind == '"' and depth == row_depth:
+            key = token.group()[1:-1]  # (as written: a key's escapes are not decoded)
+    return None
 
 
 def csv_problem(text: str) -> Optional[str]:

@@ -22,11 +22,11 @@ from lightning.pytorch.callbacks import ProgressBar as LightningProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from finetune.checkpointing import StopOnSignal, check_checkpoint, read_checkpoint
-from finetune.console import ProgressBar, Summary
+from finetune.console import LoggingInterval, ProgressBar, Summary
 from finetune.errors import InputError
 from finetune.pipeline import connect
 from finetune.predictions import PredictionWriter
-from finetune.preflight import check_monitors, check_output_dirs
+from finetune.preflight import check_monitors, check_output_dirs, run_inputs
 from finetune.runs import DiscardFailedRun, default_loggers, resolve_last, tensorboard_installed
 
 
@@ -76,13 +76,20 @@ def check_config_files(args: list[str]) -> None:
 
 
 class FineTuneParser(LightningArgumentParser):
-    """LightningCLI's parser, whose errors about an unknown option of a class also list the valid ones."""
+    """LightningCLI's parser, whose errors say what is wrong in one line, last: an unknown option of a class also
+    lists the valid ones, and jsonargparse's dump of the union it tried is left out."""
 
     def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
         # (a key unknown to a subcommand's config is found by the main parser; jsonargparse names the
         # subcommand's parser on the exception)
         hint = unknown_option_hint(message) or unknown_key_hint(message, getattr(ex, "subcommand_parser", self))
-        super().error(f"{hint}\n{message}" if hint else message, ex)
+        super().error(hint if hint and self.exit_on_error else message, ex)
+
+    def print_usage(self, file: Any = None) -> None:
+        """The first line of the usage (what an error prints before its message): the full usage of a
+        subcommand is ~70 lines of options that bury the error; `--help` lists them."""
+        lines = self.format_usage().splitlines()
+        (file or sys.stdout).write(lines[0] + (" ..." if len(lines) > 1 else "") + "\n")
 
 
 def unknown_key_hint(message: str, parser: LightningArgumentParser) -> Optional[str]:
@@ -102,19 +109,41 @@ def unknown_key_hint(message: str, parser: LightningArgumentParser) -> Optional[
 
 
 def unknown_option_hint(message: str) -> Optional[str]:
-    """'model.task: unknown option 'x'. Did you mean 'y'? Valid: ...' for jsonargparse's message about an
-    option a class does not accept. jsonargparse has no structured form of this error, so its wording
-    is read here, and only here; tests/test_bad_input.py fails when that wording changes."""
-    key = re.search(r'Parser key "([\w.]+)"', message)
-    option = re.search(r"Option '(\w+)' is not accepted", message)
-    # the class: a class_path given for the key, or the one class of an Optional[SomeDataclass] key
-    named = re.search(r"class_path '([\w.]+)'", message) or re.search(r"Subtypes: \[<class '([\w.]+)'>", message)
-    if not (key and option and named):
+    """One line for jsonargparse's message about the value of a key (a dump of the union types it tried, ending in
+    `NestedArg(...)`): 'model.task: unknown option 'x'. Did you mean 'y'? Valid: ...' for an option its class does
+    not accept, 'model.lora: option 'r' expects int, got 'eight'' for a value of the wrong type, the import error
+    of a class_path that does not load. jsonargparse has no structured form of these errors, so its wording is
+    read here, and only here; tests/test_bad_input.py fails when that wording changes."""
+    def type_name(text: str) -> str:  # "<class 'int'>": 'int'; "<class 'NoneType'>": 'None'
+        name = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+        return "None" if name == "NoneType" else name
+
+    key = re.search(r'Parser key "([\w.]+)":', message)
+    if not key:
         return None
-    valid = init_options(named.group(1))
-    close = difflib.get_close_matches(option.group(1), valid, n=1)
-    did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
-    return f"{key.group(1)}: unknown option {option.group(1)!r}.{did_you_mean} Valid: {', '.join(valid)}"
+    # the class: a class_path given for the key, or the one class of an Optional[SomeDataclass] key
+    named = re.search(r"class_path[= ]'([\w.]+)'", message) or re.search(r"Subtypes: \[<class '([\w.]+)'>", message)
+    option = re.search(r"Option '(\w+)' is not accepted", message)
+    if option and named:
+        valid = init_options(named.group(1))
+        close = difflib.get_close_matches(option.group(1), valid, n=1)
+        did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
+        return f"{key.group(1)}: unknown option {option.group(1)!r}.{did_you_mean} Valid: {', '.join(valid)}"
+    wrong_type = re.search(r"Expected an? (.+?)\. Got value: (.*)", message)
+    if wrong_type:
+        expected, value = type_name(wrong_type.group(1)), wrong_type.group(2).strip()
+        inner = re.findall(r'Parser key "([\w.]+)":', message)[1:]  # an option of the key's class
+        subject = f"option {inner[0]!r} expects" if inner else "expects"
+        return f"{key.group(1)}: {subject} {expected}, got {value!r}"
+    class_problem = re.search(r"Problem with given class_path '([\w.]+)':\s*(.+)", message)
+    if class_problem:
+        return f"{key.group(1)}: cannot use class_path {class_problem.group(1)!r}: {class_problem.group(2).strip()}"
+    subtypes = re.search(r"Subtypes: \[(.*)\]", message)
+    given = re.search(r"Given value: (.*)", message)
+    if subtypes and given:  # a plain union (Optional[int], ...)
+        expected = " or ".join(type_name(t) for t in subtypes.group(1).split(", "))
+        return f"{key.group(1)}: expects {expected}, got {given.group(1).strip()!r}"
+    return None
 
 
 class RunConfig(SaveConfigCallback):
@@ -194,6 +223,7 @@ class FineTuneCLI(LightningCLI):
         if trainer.get("enable_model_summary") is not False and not any(isinstance(c, ModelSummary) for c in callbacks):
             callbacks.append(Summary())
             kwargs["enable_model_summary"] = False  # (Lightning's own would be added otherwise; ours is there)
+        callbacks.append(LoggingInterval())
         if trainer.get("logger") in (None, True):  # not set: finetune's run directories
             if self.subcommand == "predict":  # predictions go to predictions.output_file; nothing to log
                 kwargs["logger"] = False
@@ -206,9 +236,11 @@ class FineTuneCLI(LightningCLI):
     # The task is settled (from the backbone, then the training rows) and handed to the module and the data
     # module before Lightning runs a stage: its hooks then only train, evaluate and predict.
     def before_fit(self) -> None:
-        check_output_dirs(self.trainer)  # fail in seconds, not after an epoch, on unwritable outputs
+        # Fail in seconds, not after an epoch, on a monitored metric some epochs do not report, or on unwritable
+        # outputs (checked after: it creates the output directories); then read the data.
+        check_monitors(self.trainer, self.model.task, self.datamodule.has("val"))
+        check_output_dirs(self.trainer)
         connect(self.model, self.datamodule, "fit")
-        check_monitors(self.trainer, self.model.task)  # ... or on a monitored metric some epochs do not report
 
     def before_validate(self) -> None:
         connect(self.model, self.datamodule, "validate")
@@ -219,7 +251,7 @@ class FineTuneCLI(LightningCLI):
     def before_predict(self) -> None:
         for callback in self.trainer.callbacks:
             if isinstance(callback, PredictionWriter):
-                callback.check_output_file()  # before the model and the data load
+                callback.check_output_file(run_inputs(self.config["predict"]))  # before the model and the data load
         connect(self.model, self.datamodule, "predict")
 
     def after_fit(self) -> None:

@@ -23,13 +23,25 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval="epoch")
         self.output_file = Path(output_file)
 
-    def check_output_file(self) -> None:
-        """Fail before predicting, not after, when `output_file` cannot be written (`finetune predict` checks
-        before the model and the data load)."""
+    def check_output_file(self, inputs: Sequence[tuple[str, str]] = ()) -> None:
+        """Fail before predicting, not after, when `output_file` cannot be written, or would replace one of the
+        run's `inputs` ((setting, path): `preflight.run_inputs`) or a file inside an input directory: the same
+        file however it is spelled (`./a.jsonl`, a symlink, a hard link). `finetune predict` checks before the
+        model and the data load."""
         file = self.output_file
         if file.is_dir():
             raise InputError(f"predictions.output_file: {str(file)!r} is a directory; expected a file path "
                              f"such as {str(file / 'predictions.jsonl')!r}")
+        for setting, path in inputs:
+            directory = os.path.isdir(path)
+            if directory:
+                replaced = file.exists() and Path(os.path.realpath(file)).is_relative_to(os.path.realpath(path))
+            else:
+                replaced = file.exists() and os.path.samefile(file, path)
+            if replaced:
+                raise InputError(f"predictions.output_file: {str(file)!r} is {'a file inside ' if directory else ''}"
+                                 f"{setting} ({path!r}); writing the predictions would replace it: choose another "
+                                 "output file")
         problem = unwritable(str(file.parent))
         if problem is None and file.exists() and not os.access(file, os.W_OK):
             problem = "the file is read-only"

@@ -4,11 +4,14 @@ naming the setting, instead of after its first epoch."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.errors import InputError
 
@@ -47,6 +50,18 @@ def output_dirs(trainer: Any) -> list[tuple[str, str]]:
     return [(setting, str(path)) for setting, path in dirs if path is not None and "://" not in str(path)]
 
 
+def run_inputs(config: Any) -> list[tuple[str, str]]:
+    """(setting, local path) of what a parsed `finetune` command reads: its config files, data files and
+    dataset directory, checkpoint and backbone directory (hub names and remote paths are not local)."""
+    inputs = [("--config", os.fspath(path)) for path in config.get("config") or []]
+    data, model = config.get("data") or {}, config.get("model") or {}
+    inputs += [(f"data.{option}", data.get(option))
+               for option in ("train_file", "val_file", "test_file", "predict_file", "dataset")]
+    inputs += [("ckpt_path", config.get("ckpt_path")), ("model.backbone", model.get("backbone"))]
+    return [(setting, str(path)) for setting, path in inputs
+            if path is not None and "://" not in str(path) and os.path.exists(path)]
+
+
 def unwritable(path: str) -> Optional[str]:
     """Why a file cannot be created in directory `path` (created if missing), or None if it can."""
     directory = Path(path).expanduser()
@@ -61,16 +76,20 @@ def unwritable(path: str) -> Optional[str]:
     return None
 
 
-def check_monitors(trainer: Any, task: Any) -> None:
+def check_monitors(trainer: Any, task: Any, has_validation_data: bool = True) -> None:
     """Raise InputError when a callback (ModelCheckpoint, EarlyStopping) monitors a validation metric of the task
     that some validation of this fit will not report (`Task.computes_metrics`: e.g. a generation task scoring
-    every 2nd epoch): Lightning stops the run with a MisconfigurationException at the first such epoch."""
+    every 2nd epoch): Lightning stops the run with a MisconfigurationException at the first such epoch. A run
+    without validation data (`has_validation_data`: data.val_file or data.dataset) is `without_validation`."""
+    if not has_validation_data:
+        without_validation(trainer)
+        return
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000  # (-1: no limit)
     every = trainer.check_val_every_n_epoch or 1
     validated = [epoch for epoch in range(min(epochs, 1000)) if (epoch + 1) % every == 0]
-    for callback in trainer.callbacks:
-        monitor = getattr(callback, "monitor", None)
-        if not (isinstance(monitor, str) and monitor.startswith("val/") and monitor != "val/loss"):
+    for callback in validation_monitors(trainer):
+        monitor = callback.monitor
+        if monitor == "val/loss":
             continue
         missing = next((epoch for epoch in validated if not task.computes_metrics("val", epoch)), None)
         if missing is not None:
@@ -79,3 +98,25 @@ def check_monitors(trainer: Any, task: Any) -> None:
                 f"does not compute in the validation of epoch {missing + 1} (Lightning stops a run whose monitored "
                 "value is missing); monitor 'val/loss', which every validation reports, or have the task score "
                 "every validation (generation tasks: model.task.init_args.generate_every_n_epochs: 1)")
+
+
+def validation_monitors(trainer: Any) -> list[Any]:
+    """The callbacks that monitor a validation metric ('val/...')."""
+    return [callback for callback in trainer.callbacks
+            if isinstance(getattr(callback, "monitor", None), str) and callback.monitor.startswith("val/")]
+
+
+def without_validation(trainer: Any) -> None:
+    """A fit without validation data: a checkpoint callback that ranks by a validation metric keeps `last.ckpt`
+    only, saying so (Lightning would warn at every epoch that the metric is missing, and keep nothing else); a
+    callback that needs the metric (EarlyStopping) is an InputError. The validation loop is switched off, so that
+    Lightning does not warn that its loader is empty."""
+    for callback in validation_monitors(trainer):
+        if not isinstance(callback, ModelCheckpoint):
+            raise InputError(f"trainer.callbacks: {type(callback).__name__} monitors {callback.monitor!r}, but the "
+                             "run has no validation data; give data.val_file, or remove the callback")
+        if callback.save_top_k != 0:
+            rank_zero_info(f"No validation data (data.val_file): {type(callback).__name__} keeps last.ckpt only "
+                           f"(it ranks checkpoints by {callback.monitor!r}, which only validation reports)")
+            callback.save_top_k, callback.save_last = 0, True
+    trainer.limit_val_batches = 0

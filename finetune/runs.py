@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -85,14 +86,22 @@ def resolve_last(trainer: Any, subcommand: str) -> Optional[str]:
 
 class DiscardFailedRun(Callback):
     """Removes this run's new `version_N` directory when the run fails before its first training step and
-    saved no checkpoint: nothing of value is lost, and failed attempts do not pile up."""
+    saved no checkpoint: nothing of value is lost, and failed attempts do not pile up. The directories above it
+    that did not exist when the run began (a new `default_root_dir`) go too, when nothing else is in them; a
+    directory that existed before is never removed."""
 
     def __init__(self, run_dir: str) -> None:
         self.run_dir = Path(run_dir)
+        self.new_parents = list(itertools.takewhile(lambda parent: not parent.exists(), self.run_dir.parents))
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         fitting = trainer.state.fn == "fit"
         if not trainer.is_global_zero or (fitting and trainer.global_step > 0) or not self.run_dir.is_dir():
             return
-        if not any(self.run_dir.rglob("*.ckpt")):
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+        if any(self.run_dir.rglob("*.ckpt")):
+            return
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        for parent in self.new_parents:  # (the deepest first)
+            if not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()

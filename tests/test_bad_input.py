@@ -87,6 +87,49 @@ def test_lines_that_are_not_objects_are_named(tmp_path):
         read_rows(path)
 
 
+@pytest.mark.parametrize("line, content", [(1, '{"text": "a", "text": "b", "label": "neg"}'),
+                                           (3, '{"text": "a", "label": "neg", "meta": {"k": 1, "k": 2}}')])
+def test_a_key_given_twice_names_the_line_counted_from_one(tmp_path, line, content):
+    """(issue 25: Arrow's message, "Column(/text) was specified twice in row 0", counted rows from 0)"""
+    lines = [json.dumps(GOOD[0]), json.dumps(GOOD[1])]
+    lines.insert(line - 1, content)
+    key = "text" if line == 1 else "k"
+    with pytest.raises(InputError, match=rf"^data.train_file \(.*x.jsonl\): could not be read: line {line}: key "
+                                         rf"'{key}' appears twice in one object; keep one \(JSON keys must be "
+                                         r"unique\)$"):
+        read_rows(write(tmp_path / "x.jsonl", "\n".join(lines) + "\n"))
+
+
+def nested(depth: int, opener: str = "{") -> str:
+    """JSON text of a value `depth` lists or objects deep."""
+    if opener == "[":
+        return "[" * depth + "1" + "]" * depth
+    return '{"a": ' * depth + '"x \\" ]]" ' + "}" * depth  # (brackets in a string do not count)
+
+
+@pytest.mark.parametrize("depth", [63, 100, 5000])
+@pytest.mark.parametrize("opener", ["{", "["])
+@pytest.mark.parametrize("layout", ["jsonl", "json list"])
+def test_a_value_nested_too_deep_names_file_row_column_and_limit(tmp_path, depth, opener, layout):
+    """(issue 25: a RecursionError traceback at 5,000 levels, an unlocated Arrow error at 100) in a column the
+    task does not even read."""
+    good = json.dumps(GOOD[0])
+    deep = f'{{"text": "a [bad] day", "label": "neg", "meta": {nested(depth, opener)}}}'
+    if layout == "jsonl":
+        path, where = write(tmp_path / "x.jsonl", f"{good}\n{good}\n{deep}\n"), "line 3"
+    else:
+        path, where = write(tmp_path / "x.json", f"[{good},\n {deep}]"), "item 2 of the list"
+    with pytest.raises(InputError, match=rf"^data.train_file \(.*{path.name}\): could not be read: {where}: column "
+                                         r"'meta' nests lists or objects more than 62 levels deep, which cannot be "
+                                         r"read \(the limit is 62\); flatten it or drop the column$"):
+        read_rows(path)
+
+
+def test_a_value_nested_as_deep_as_the_limit_reads(tmp_path):
+    deep = {"text": "a bad day", "label": "neg", "meta": json.loads(nested(62))}
+    assert read_rows(write(tmp_path / "x.jsonl", jsonl([GOOD[0], deep])))[1] == deep
+
+
 def test_the_line_scan_runs_only_when_reading_fails(tmp_path, monkeypatch):
     def scan(*args, **kwargs):
         raise AssertionError("scanned a file that read fine")
@@ -446,3 +489,26 @@ def test_unknown_config_option_names_the_key_and_lists_the_valid_ones(tmp_path, 
         with pytest.raises(SystemExit):
             main(["fit", "--config", str(config), override])
         assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, explanation", [
+    (["--model.lora.rr", "4"], "model.lora: unknown option 'rr'. Did you mean 'r'? Valid: r, alpha, dropout, "),
+    (["--model.task.init_args.max_lenght", "64"],
+     "model.task: unknown option 'max_lenght'. Did you mean 'max_length'?"),
+    (["--model.lora.r", "eight"], "model.lora: option 'r' expects int, got 'eight'"),
+    (["--model.task.class_path", "tasks.nope.Nope"],
+     "model.task: cannot use class_path 'tasks.nope.Nope': module 'tasks' has no attribute 'nope'"),
+    (["--trainer.max_epochs", "x"], "trainer.max_epochs: expects int or None, got 'x'"),
+])
+def test_a_bad_option_under_a_union_is_explained_in_the_last_line(capsys, override, explanation):
+    """Not ~70 lines of usage and jsonargparse's dump of the union's types ending in `NestedArg(key=..., val=...)`."""
+    from finetune.cli import main
+
+    config = Path(__file__).parents[1] / "configs" / "classification.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), *override])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith(f"error: {explanation}"), lines
+    assert len(lines) <= 3 and lines[0].startswith("usage: finetune") and lines[0].endswith(" ...")
+    assert not any("NestedArg" in line or "Subtypes" in line for line in lines)

@@ -81,6 +81,20 @@ def test_a_monitored_metric_some_validations_skip_is_refused_before_training(tin
             monitor="val/bleu")]), Translation(generate_every_n_epochs=0))
 
 
+def test_without_validation_data_a_ranked_checkpoint_keeps_last_and_early_stopping_is_refused(caplog):
+    """(issue 25: a fit without data.val_file that monitors val/accuracy printed only Lightning's warnings)"""
+    checkpoint = ModelCheckpoint(monitor="val/accuracy", mode="max", save_top_k=-1, save_last=False)
+    trainer = SimpleNamespace(max_epochs=2, check_val_every_n_epoch=1, limit_val_batches=1.0, callbacks=[checkpoint])
+    check_monitors(trainer, TextClassification(), has_validation_data=False)
+    assert (checkpoint.save_top_k, checkpoint.save_last, trainer.limit_val_batches) == (0, True, 0)
+    assert ("No validation data (data.val_file): ModelCheckpoint keeps last.ckpt only (it ranks checkpoints by "
+            "'val/accuracy', which only validation reports)") in caplog.messages
+    trainer.callbacks.append(EarlyStopping(monitor="val/loss"))
+    with pytest.raises(InputError, match=r"^trainer.callbacks: EarlyStopping monitors 'val/loss', but the run has no "
+                                         r"validation data; give data.val_file, or remove the callback$"):
+        check_monitors(trainer, TextClassification(), has_validation_data=False)
+
+
 def test_evaluation_without_a_label_set_is_named():
     with pytest.raises(InputError, match=r"model.task.init_args.labels: no label set; give it, or a checkpoint"):
         TextClassification().check_rows("val", {"label": ["a"]}, "data.val_file (v.jsonl)")
@@ -148,7 +162,8 @@ def test_task_options_typed_on_the_command_line_are_checked_and_kept_as_typed(ti
     assert "max_source_length" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*common, "--model.task.prompt=Translate: {source}"])
-    assert "Parser key \"prompt\":\n          Expected a <class 'str'>" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(
+        "error: model.task: option 'prompt' expects str, got \"{'Translate': {'source': None}}\"\n")
     with pytest.raises(SystemExit):
         main([*common, '--model.task.init_args={"prompt": "Translate: {source}"}', "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out)["model"]["task"]["init_args"]["prompt"] == "Translate: {source}"

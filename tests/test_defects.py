@@ -3,6 +3,7 @@ outputs checked before the work, clear messages, and a console that shows only w
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import os
@@ -144,6 +145,44 @@ def test_predict_to_an_unwritable_output_fails_before_any_work(trained, tiny_ber
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+@pytest.mark.parametrize("kind", ["predict_file", "predict_file as ./relative", "predict_file by a symlink",
+                                  "ckpt_path", "config file", "a file of the backbone"])
+def test_predict_refuses_to_write_over_an_input_of_the_run(trained, tiny_bert, files, tmp_path, kind, capsys,
+                                                           monkeypatch):
+    """(issue 25: predictions written over the input texts or the checkpoint, exit 0)"""
+    monkeypatch.chdir(tmp_path)
+    texts = Path(write_jsonl(tmp_path / "texts.jsonl", [{"text": "a good day"}]))
+    checkpoint = tmp_path / "model.ckpt"
+    checkpoint.write_bytes(trained.read_bytes())
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  max_epochs: 1\n")
+    (tmp_path / "link.jsonl").symlink_to(texts)
+    output, setting, source = {
+        "predict_file": (texts, "data.predict_file", texts),
+        "predict_file as ./relative": ("./texts.jsonl", "data.predict_file", texts),
+        "predict_file by a symlink": ("link.jsonl", "data.predict_file", texts),
+        "ckpt_path": (checkpoint, "ckpt_path", checkpoint),
+        "config file": (config, "--config", config),
+        "a file of the backbone": (Path(tiny_bert) / "config.json", "model.backbone", Path(tiny_bert) / "config.json"),
+    }[kind]
+    before = source.read_bytes()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the data was read before the output was checked")
+
+    monkeypatch.setattr("finetune.data.DataModule.setup", no_work)
+    args = demo_args(tiny_bert, {**files, "predict": "texts.jsonl"}, tmp_path / "runs")[1:]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *args, "--config", str(config), f"--ckpt_path={checkpoint}",
+              f"--predictions.output_file={output}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"finetune: error: predictions.output_file: {str(Path(output))!r} is ")
+    assert f" {setting} (" in err
+    assert err.endswith("writing the predictions would replace it: choose another output file")
+    assert source.read_bytes() == before
+
+
 # --- 4. export refuses a non-empty directory and a file, before loading -----------------------------
 
 def test_export_checks_the_output_directory_before_loading(trained, tmp_path, capsys, monkeypatch):
@@ -262,14 +301,40 @@ def test_a_clean_fit_then_predict_print_only_what_a_user_needs(tiny_bert, files,
     assert not any(cwd.iterdir())
 
 
+def test_a_small_fit_without_validation_says_what_it_keeps_and_logs_every_epoch(tiny_bert, files, tmp_path):
+    """(issue 25) The demo config without validation data (it monitors val/accuracy) on 24 rows: 2 batches an epoch
+    against its log_every_n_steps of 10. Lightning warned that the monitored key is missing, that the validation
+    loader is empty and that the logging interval is longer than the epoch (and logged no training step)."""
+    args = [arg for arg in demo_args(tiny_bert, files, tmp_path, "--data.val_file=null", "--trainer.max_epochs=2")
+            if not arg.startswith(("--trainer.log_every_n_steps", f"--data.val_file={files['val']}"))]
+    console = run_quietly(args, tmp_path)
+    assert ("No validation data (data.val_file): RunCheckpoint keeps last.ckpt only (it ranks checkpoints by "
+            "'val/accuracy', which only validation reports)") in console
+    run_dir = tmp_path / "version_0"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["last.ckpt"]
+    with open(run_dir / "metrics.csv") as f:
+        steps = [(row["epoch"], row["step"]) for row in csv.DictReader(f) if row["train/loss"]]
+    assert steps == [("0", "1"), ("1", "3")]  # the last batch of each epoch
+
+
 def test_a_run_that_fails_before_training_leaves_no_directory(tiny_bert, files, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    for _ in range(2):
-        with pytest.raises(SystemExit):
-            main(demo_args(tiny_bert, {**files, "train": str(empty)}, tmp_path / "runs"))
-    assert "is empty" in capsys.readouterr().err
-    assert not list((tmp_path / "runs").glob("version_*"))
+    (tmp_path / "existing").mkdir()
+    for root in (tmp_path / "new" / "runs", tmp_path / "existing"):
+        for _ in range(2):
+            with pytest.raises(SystemExit):
+                main(demo_args(tiny_bert, {**files, "train": str(empty)}, root))
+        assert "is empty" in capsys.readouterr().err
+    # the root it created is gone with the run's directory (issue 25), the user's own directory is kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "existing"]
+    assert not any((tmp_path / "existing").iterdir())
+    # a run refused before the Trainer starts creates no directory
+    with pytest.raises(SystemExit):
+        main(demo_args(tiny_bert, files, tmp_path / "new" / "runs", "--data.val_file=null",
+                       "--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor=val/loss"))
+    assert "EarlyStopping monitors 'val/loss', but the run has no validation data" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_without_a_logger_nothing_is_written_to_the_current_directory(tiny_bert, toy_files, tmp_path, monkeypatch):
