@@ -40,19 +40,31 @@ def text_columns(task: Task) -> list[str]:
 
 
 def check_columns(task: Task, rows: datasets.Dataset, split: str, where: str) -> None:
+    problem = missing_column(task, split, rows.column_names)
+    if problem:
+        raise InputError(f"{where} {problem}")
     for column, name in declared_columns(task, split):
-        if name not in rows.column_names:
-            close = difflib.get_close_matches(name, rows.column_names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise InputError(f"{where} has no column {name!r} (model.task.init_args.{column.option}); its columns "
-                             f"are: {', '.join(rows.column_names)}.{hint}")
-    for column, name in declared_columns(task, split):
-        values = column_values(rows, name)
-        problem = next((f"row {row}: column {name!r} {what}" for row, value in enumerate(values, start=1)
-                        for what in [value_problem(column, value)] if what), None)
-        problem = problem or mixed_type_problem(name, ((f"row {row}", v) for row, v in enumerate(values, start=1)))
+        problem = column_problem(column, name, column_values(rows, name))
         if problem:
             raise InputError(f"{where}, {problem}")
+
+
+def missing_column(task: Task, split: str, names: list[str]) -> Optional[str]:
+    """"has no column ..." when rows with these column names lack one that `split` needs, else None."""
+    for column, name in declared_columns(task, split):
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            return (f"has no column {name!r} (model.task.init_args.{column.option}); its columns are: "
+                    f"{', '.join(names) or 'none'}.{hint}")
+    return None
+
+
+def column_problem(column: Column, name: str, values: list) -> Optional[str]:
+    """The first problem of a declared column's values (row by row, then their types), as "row N: ...", or None."""
+    problem = next((f"row {row}: column {name!r} {what}" for row, value in enumerate(values, start=1)
+                    for what in [value_problem(column, value)] if what), None)
+    return problem or mixed_type_problem(name, ((f"row {row}", v) for row, v in enumerate(values, start=1)))
 
 
 def value_problem(column: Column, value: Any) -> Optional[str]:
