@@ -4,7 +4,7 @@ the file, the row, the column and what was expected."""
 from __future__ import annotations
 
 import difflib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import datasets
 
@@ -60,11 +60,16 @@ def missing_column(task: Task, split: str, names: list[str]) -> Optional[str]:
     return None
 
 
-def column_problem(column: Column, name: str, values: list) -> Optional[str]:
-    """The first problem of a declared column's values (row by row, then their types), as "row N: ...", or None."""
-    problem = next((f"row {row}: column {name!r} {what}" for row, value in enumerate(values, start=1)
+def row_number(i: int) -> str:
+    return f"row {i + 1}"
+
+
+def column_problem(column: Column, name: str, values: list, where: Callable[[int], str] = row_number) -> Optional[str]:
+    """The first problem of a declared column's values (`where(i)` names the row of `values[i]`): a bad value,
+    then values of different types; None when they are good."""
+    problem = next((f"{where(i)}: column {name!r} {what}" for i, value in enumerate(values)
                     for what in [value_problem(column, value)] if what), None)
-    return problem or mixed_type_problem(name, ((f"row {row}", v) for row, v in enumerate(values, start=1)))
+    return problem or mixed_type_problem(name, ((where(i), value) for i, value in enumerate(values)))
 
 
 def value_problem(column: Column, value: Any) -> Optional[str]:
