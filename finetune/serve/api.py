@@ -210,4 +210,6 @@ def refusal(refused: Refused, openai: bool) -> JSONResponse:
 
 def build_server(config: ServeConfig, checks: RequestChecks, chat: bool, accelerator: str,
                  timeout: float) -> ls.LitServer:
-    return ls.LitServer(ServeAPI(config, ServeSpec(checks, chat)), accelerator=accelerator, timeout=timeout)
+    # (a list: LitServer guards /health and /info with the `authorize` of an API given alone, and health checks
+    # carry no key)
+    return ls.LitServer([ServeAPI(config, ServeSpec(checks, chat))], accelerator=accelerator, timeout=timeout)
