@@ -166,21 +166,21 @@ class RequestChecks:
     def generation(self, payload: dict) -> dict[str, Any]:
         """The request's decoding options as GenerationSettings fields (those it leaves out are the checkpoint's)."""
         generation: dict[str, Any] = {}
-        for field in ("max_tokens", "max_completion_tokens"):
-            value = payload.get(field)
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = payload.get(name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool)
                                       or not 1 <= value <= self.max_tokens_limit):
-                raise Refused(422, f"{field}: must be an integer from 1 to {self.max_tokens_limit}, got {value!r}",
-                              field)
+                raise Refused(422, f"{name}: must be an integer from 1 to {self.max_tokens_limit}, got {value!r}",
+                              name)
         tokens = payload.get("max_completion_tokens") or payload.get("max_tokens")
         if tokens:
             generation["max_new_tokens"] = tokens
-        for field, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
-            value = payload.get(field)
+        for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
+            value = payload.get(name)
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                      or not low <= value <= high or (field == "top_p" and value == 0)):
-                raise Refused(422, f"{field}: must be a number {'from' if field != 'top_p' else 'above'} {low} "
-                                   f"to {high}, got {value!r}", field)
+                                      or not low <= value <= high or (name == "top_p" and value == 0)):
+                raise Refused(422, f"{name}: must be a number {'from' if name != 'top_p' else 'above'} {low} "
+                                   f"to {high}, got {value!r}", name)
         temperature, top_p = payload.get("temperature"), payload.get("top_p")
         if temperature is not None and temperature > 0:
             generation.update(do_sample=True, temperature=temperature)
