@@ -4,7 +4,7 @@ the file, the row, the column and what was expected."""
 from __future__ import annotations
 
 import difflib
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import datasets
 
@@ -40,19 +40,36 @@ def text_columns(task: Task) -> list[str]:
 
 
 def check_columns(task: Task, rows: datasets.Dataset, split: str, where: str) -> None:
+    problem = missing_column(task, split, rows.column_names)
+    if problem:
+        raise InputError(f"{where} {problem}")
     for column, name in declared_columns(task, split):
-        if name not in rows.column_names:
-            close = difflib.get_close_matches(name, rows.column_names, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise InputError(f"{where} has no column {name!r} (model.task.init_args.{column.option}); its columns "
-                             f"are: {', '.join(rows.column_names)}.{hint}")
-    for column, name in declared_columns(task, split):
-        values = column_values(rows, name)
-        problem = next((f"row {row}: column {name!r} {what}" for row, value in enumerate(values, start=1)
-                        for what in [value_problem(column, value)] if what), None)
-        problem = problem or mixed_type_problem(name, ((f"row {row}", v) for row, v in enumerate(values, start=1)))
+        problem = column_problem(column, name, column_values(rows, name))
         if problem:
             raise InputError(f"{where}, {problem}")
+
+
+def missing_column(task: Task, split: str, names: list[str]) -> Optional[str]:
+    """"has no column ..." when rows with these column names lack one that `split` needs, else None."""
+    for column, name in declared_columns(task, split):
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            return (f"has no column {name!r} (model.task.init_args.{column.option}); its columns are: "
+                    f"{', '.join(names) or 'none'}.{hint}")
+    return None
+
+
+def row_number(i: int) -> str:
+    return f"row {i + 1}"
+
+
+def column_problem(column: Column, name: str, values: list, where: Callable[[int], str] = row_number) -> Optional[str]:
+    """The first problem of a declared column's values (`where(i)` names the row of `values[i]`): a bad value,
+    then values of different types; None when they are good."""
+    problem = next((f"{where(i)}: column {name!r} {what}" for i, value in enumerate(values)
+                    for what in [value_problem(column, value)] if what), None)
+    return problem or mixed_type_problem(name, ((where(i), value) for i, value in enumerate(values)))
 
 
 def value_problem(column: Column, value: Any) -> Optional[str]:

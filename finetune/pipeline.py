@@ -7,7 +7,7 @@ a row becomes the same features and the same prediction wherever it goes.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
@@ -74,9 +74,11 @@ def merge_predictions(task: Task, predicted: list[dict[str, Any]], context: Any)
 
 
 def predict_rows(task: Task, model: Any, tokenizer: Any, rows: list[dict[str, Any]], batch_size: int = 32,
-                 device: Any = "cpu") -> list[dict[str, Any]]:
+                 device: Any = "cpu", model_for: Optional[Callable[[list[int]], Any]] = None) -> list[dict[str, Any]]:
     """Rows (already checked) -> one prediction each, exactly as `finetune predict` writes them: features made
-    as the data module makes them, longest first in batches, `Task.predict`, then `merge_predictions`."""
+    as the data module makes them, longest first in batches, `Task.predict`, then `merge_predictions`.
+    `model_for(indices)`: the model for a batch of the rows with these indices (`finetune serve` routes a batch
+    to its rows' LoRA adapters); default: `model` for every batch."""
     import datasets
 
     keys = list(dict.fromkeys(key for row in rows for key in row))
@@ -89,7 +91,8 @@ def predict_rows(task: Task, model: Any, tokenizer: Any, rows: list[dict[str, An
         for start in range(0, len(features), batch_size):
             batch = collate(features[start:start + batch_size], task, tokenizer, with_targets=False)
             batch = {key: value.to(device) for key, value in batch.items()}
-            predicted += predict_batch(task, model, tokenizer, batch)
+            batch_model = model if model_for is None else model_for(batch["index"].tolist())
+            predicted += predict_batch(task, batch_model, tokenizer, batch)
     context = task.split_context("predict", datasets.Dataset.from_list(rows)) if needs_context(task) else None
     return merge_predictions(task, predicted, context)
 

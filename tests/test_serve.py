@@ -1,5 +1,6 @@
 """`finetune serve`: every answer is what `finetune predict` writes for the same rows; bad requests get a 4xx
-naming the field and the server keeps serving; adapters side by side; a bounded load test; the OpenAI client.
+naming the field and the server keeps serving; adapters side by side; a bounded load test; the OpenAI client; one
+model copy for both endpoints; SIGTERM / SIGINT stop every process of the server; a port in use is an error.
 
 Servers run in a subprocess on a free loopback port (LitServe's inference workers are processes of their own).
 """
@@ -70,10 +71,14 @@ class Server:
         self.stop()
         raise AssertionError(f"the server did not answer /health: {log.read_text()[-3000:]}")
 
+    def processes(self) -> list:
+        """The server's process and its descendants (LitServe's HTTP server, inference worker, queue manager)."""
+        root = psutil.Process(self.process.pid)
+        return [root, *root.children(recursive=True)]
+
     def rss(self) -> int:
         """Resident memory of the server and its workers, in bytes."""
-        root = psutil.Process(self.process.pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+        return sum(p.memory_info().rss for p in self.processes())
 
     def stop(self) -> None:
         try:
@@ -167,6 +172,8 @@ def test_two_adapters_answer_side_by_side(server, adapters):
     ([], 422, "body"),
     ("good", 422, "row"),
     (b'{"text": "good"', 400, "JSON"),  # malformed JSON
+    (b'{"text": "good \\ud800"}', 422, "column 'text' is not valid Unicode text"),  # a lone surrogate
+    (b'[{"text": "good"}, {"text": "good", "x": ["\\udfff"]}]', 422, "row 2: column 'x' at [0] is not valid Unicode"),
 ])
 def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_keeps_serving(server, adapters, body, status, named):
     raw = body if isinstance(body, bytes) else None
@@ -244,11 +251,11 @@ def test_api_key_is_required_when_set(adapters, tmp_path):  # (and unbatched: --
 
 
 def test_merged_weights_give_the_same_answers(adapters):
-    from finetune.serve import Served
+    from finetune.serve.hosting import Hosted
 
     items = [("default", {"text": t}) for t in TEXTS]
     ckpt = str(adapters["ckpts"]["sentiment"])
-    merged, unmerged = Served([("default", ckpt)], merge=True), Served([("default", ckpt)])
+    merged, unmerged = Hosted([("default", ckpt)], merge=True), Hosted([("default", ckpt)])
     assert not hasattr(merged.model, "peft_config") and hasattr(unmerged.model, "peft_config")
     for a, b, expected in zip(merged.predict(items), unmerged.predict(items), adapters["expected"]["sentiment"]):
         assert_same(a, expected)
@@ -273,6 +280,41 @@ def test_bad_arguments_fail_before_loading_with_a_message(args, message, capsys)
     assert message in err and "Traceback" not in err
 
 
+def test_a_port_in_use_is_an_error_before_serving(adapters, capsys):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(SystemExit) as exit:
+            main(["serve", f"--ckpt_path={adapters['ckpts']['sentiment']}", f"--port={port}"])
+    out, err = capsys.readouterr()
+    assert exit.value.code == 2 and "Serving" not in out
+    assert err.startswith(f"finetune: error: --port {port}: cannot listen on 127.0.0.1:{port}") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("signum, to_group", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["TERM", "Ctrl-C"])
+def test_a_signal_stops_every_process_of_the_server_and_frees_the_port(adapters, tmp_path, signum, to_group):
+    """`kill -TERM PID` (the main process alone) and Ctrl-C (SIGINT to the terminal's whole process group)."""
+    server = Server([f"--ckpt_path={adapters['ckpts']['sentiment']}"], tmp_path / "log")
+    processes = server.processes()
+    assert len(processes) >= 3  # (the command, LitServe's HTTP server and its inference worker at least)
+    try:
+        (os.killpg if to_group else os.kill)(server.process.pid, signum)
+        assert server.process.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while (alive := [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        server.stop()
+    with socket.socket() as again:  # (as the server binds it)
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", server.port))
+    log = server.log.read_text()
+    assert "Traceback" not in log and "Error" not in log, log
+
+
 # --- generation: a tiny Llama with a chat template -------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_model(tiny_llama, tmp_path_factory):
@@ -290,8 +332,14 @@ def chat_model(tiny_llama, tmp_path_factory):
     expected = predicted([*model, f"--ckpt_path={ckpt}"], [{"source": s} for s in sources], root / "predict")
     assert sum(bool(row["generated_text"]) for row in expected) >= len(expected) // 2  # (something to compare)
     server = Server([f"--ckpt_path={ckpt}", "--max_batch_size=4"], root / "server.log")
-    yield {"server": server, "sources": sources, "expected": expected}
+    rows = [{"source": source, **row} for source, row in zip(sources, expected)]
+    yield {"server": server, "sources": sources, "expected": expected, "rows": rows}
     server.stop()
+
+
+def test_one_inference_worker_holds_the_model_for_both_endpoints(chat_model):
+    workers = [p for p in chat_model["server"].processes() if "multiprocessing.spawn" in " ".join(p.cmdline())]
+    assert len(workers) == 1, [p.cmdline() for p in workers]
 
 
 def test_generation_predict_and_chat_answer_what_finetune_predict_writes(chat_model):
@@ -325,6 +373,7 @@ def test_generation_predict_and_chat_answer_what_finetune_predict_writes(chat_mo
     ({"messages": []}, 422, "messages"),
     ({"messages": [{"role": "system", "content": "be brief"}]}, 422, "user message"),
     ({"messages": [{"role": "user", "content": 3}]}, 422, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "good \ud800"}]}, 422, "messages[0].content is not valid Unicode"),
 ])
 def test_bad_chat_requests_get_a_4xx_naming_the_field(chat_model, body, status, named):
     port = chat_model["server"].port
@@ -348,3 +397,36 @@ def test_the_openai_client_talks_to_the_server_streaming_too(chat_model):
     assert len(deltas) > 1 or len(expected.split()) <= 1  # token by token, as they were generated
     with pytest.raises(openai.NotFoundError, match="nope"):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": source}])
+
+
+def chat(port: int, body: dict) -> tuple[str, dict, str, str]:
+    """(reply, usage, finish reason, model) of a chat request, streamed or not."""
+    status, answer = request(port, "POST", "/v1/chat/completions", body)
+    assert status == 200, answer
+    if not body.get("stream"):
+        (choice,) = answer["choices"]
+        return choice["message"]["content"], answer["usage"], choice["finish_reason"], answer["model"]
+    chunks = [json.loads(line[len("data: "):]) for line in answer.split("\n\n") if line.startswith("data: {")]
+    assert answer.rstrip().endswith("data: [DONE]")
+    reply = "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks)
+    assert all(c["usage"] is None and c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+    return reply, chunks[-1]["usage"], chunks[-1]["choices"][0]["finish_reason"], chunks[-1]["model"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_usage_counts_the_generated_tokens_and_says_why_generation_ended(chat_model, stream):
+    """completion_tokens: the tokens generated before the stop token; finish_reason: "length" when max_tokens ended
+    the reply, "stop" when the stop token did; the model: the adapter that answered."""
+    port, row = chat_model["server"].port, next(r for r in chat_model["rows"] if len(r["generated_text"]) > 1)
+    messages = [{"role": "user", "content": row["source"]}]
+    reply, usage, finish, model = chat(port, {"messages": messages, "max_tokens": 1, "stream": stream})
+    assert (usage["completion_tokens"], finish, model) == (1, "length", "default")
+    assert reply and row["generated_text"].startswith(reply)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 1 and usage["prompt_tokens"] > 0
+    reply, usage, finish, model = chat(port, {"messages": messages, "stream": stream, "model": "default"})
+    assert (reply, finish, model) == (row["generated_text"], "stop", "default")
+    limit = 12  # (model.task.generation.max_new_tokens of the fixture's fit)
+    assert 1 <= usage["completion_tokens"] < limit
+    _, at_most, finish, _ = chat(port, {"messages": messages, "stream": stream,
+                                        "max_tokens": usage["completion_tokens"]})
+    assert (at_most["completion_tokens"], finish) == (usage["completion_tokens"], "length")
