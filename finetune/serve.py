@@ -28,7 +28,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
-from finetune.errors import InputError
+from finetune.errors import InputError, with_article
 
 #: The hosts LitServe can bind (it refuses others).
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")
@@ -124,8 +124,9 @@ def read_adapters(adapters: list[tuple[str, str]]) -> list[AdapterInfo]:
                                  f"{one.ckpt!r} fine-tuned every weight (model.lora: null), so it is no adapter of the "
                                  "base model; serve it alone")
         if type(info.task) is not type(first.task):
-            raise InputError(f"{flag}: {info.ckpt!r} is a {type(info.task).__name__} model, {first.name!r} a "
-                             f"{type(first.task).__name__} one; the adapters of one server share a task")
+            raise InputError(f"{flag}: {info.ckpt!r} is {with_article(type(info.task).__name__)} model, "
+                             f"{first.name!r} {with_article(type(first.task).__name__)} one; the adapters of one "
+                             "server share a task")
         if head_shape(info.task) != head_shape(first.task):
             raise InputError(f"{flag}: its model differs from {first.name!r}'s ({head_shape(info.task)} vs "
                              f"{head_shape(first.task)}, e.g. another number of labels); serve it on its own port")
@@ -545,6 +546,8 @@ class Served:
             yield from self.chat_group(requests, members)
 
     def chat_group(self, requests: list[dict], members: list[int]) -> Iterator[list[dict]]:
+        from finetune.chat import ChatFormat
+
         task = self.tasks[requests[members[0]]["adapter"]]
         generation = dataclasses.replace(task.generation, **requests[members[0]]["generation"])
         task = task.with_options(generation=generation)
@@ -589,9 +592,9 @@ class Served:
             raise outcome["error"]
         last = [{"role": "assistant", "content": ""} for _ in requests]
         stop_ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
-        stop = getattr(task, "stop_token", None)
-        if stop:
-            stop_ids.add(self.tokenizer.convert_tokens_to_ids(stop))
+        chat = getattr(task, "chat", None)  # (a decoder's reply also ends at its chat format's stop token)
+        if isinstance(chat, ChatFormat) and chat.stop_token:
+            stop_ids.update(chat.stop_ids(self.tokenizer))
         for j, (i, prediction) in enumerate(zip(members, outcome["predictions"])):
             text = reply_text(prediction)
             last[i]["content"] = text[len(sent[j]):] if text.startswith(sent[j]) else ""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import KIT_PROCESSES, SHARED, WORDS, write_jsonl
+from finetune.chat import GenerationSettings
 from finetune.errors import InputError
 from finetune.files import read_data_file
 from finetune.generation import IGNORE
@@ -183,7 +184,7 @@ def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
 def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, tmp_path):
     """(In one process the kit's checks and learning; the comparison with two runs with the slow tests.)"""
     rows = pairs(15, seed=3)  # validation: 15 pairs, odd, split over 2 processes
-    task = PreferenceTuning(beta=0.5, generation={"max_new_tokens": 4})
+    task = PreferenceTuning(beta=0.5, generation=GenerationSettings(max_new_tokens=4))
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4, processes=processes,
                         extra_args=["--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.02"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
@@ -199,6 +200,9 @@ BAD_PAIRS = [
      "must end with a user turn"),
     ({"prompt": [{"role": "bot", "content": "x"}]}, "column 'prompt' (model.task.init_args.prompt_column) message 1 "
      "has the role 'bot'"),
+    ({"prompt": [turn("assistant", "x"), turn("user", "hi")]}, "column 'prompt' (model.task.init_args.prompt_column) "
+     "starts with the assistant's turn (message 1)"),
+    ({"prompt": [turn("user", "")]}, "column 'prompt' (model.task.init_args.prompt_column) message 1 (user) is empty"),
     ({"chosen": ""}, "column 'chosen' (model.task.init_args.chosen_column) is an empty completion"),
     ({"rejected": [turn("assistant", "  ")]}, "column 'rejected' (model.task.init_args.rejected_column) is an empty "
      "completion"),
