@@ -156,9 +156,9 @@ class ChatFormat:
             prompt = self.template(messages[:turn], tokenizer, opened=True)
             reply = message["content"] + self.stop_token
             rendered = self.template(messages[:turn + 1], tokenizer)
-            first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
             for found, expected in ((prompt[:len(done)], done), (rendered[:len(prompt + reply)], prompt + reply)):
                 if found != expected:
+                    first_user = next((m["content"] for m in messages if m["role"] == "user"), "")
                     raise InputError(
                         f"{OPTION}.chat_template: the chat template of {tokenizer.name_or_path!r} does not render the "
                         f"conversation {first_user[:40]!r}... as its turns one after the other, each assistant reply "

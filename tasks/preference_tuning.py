@@ -25,6 +25,7 @@ from finetune.files import value_kind
 from finetune.target_tokens import IGNORE, target_tokens
 from finetune.task import Column, Task
 
+
 class PreferenceScores(Metric):
     """Over the pairs of a split: `reward_accuracy` (the chosen completion's reward above the rejected one's; a
     tie counts one half, so a model equal to its reference scores 0.5), `reward_margin` (mean chosen - rejected

@@ -223,6 +223,21 @@ def test_bad_pairs_are_named_by_file_row_and_field(change, problem, tmp_path):
     PreferenceTuning().check_rows("train", read_data_file(path, where, []).select([0]), where)
 
 
+def test_without_a_chat_template_a_prompt_is_one_user_turn(tiny_gpt2):
+    task = FineTuneModule(tiny_gpt2, PreferenceTuning(), lora=None).task
+    tokenizer = FineTuneModule(tiny_gpt2, task, lora=None).tokenizer
+    rows = pairs(3, plain=True)
+    batch = batch_of(task, tokenizer, rows)  # the base format: the prompt, a newline, the completion and eos
+    prompt = tokenizer(rows[0]["prompt"] + "\n")["input_ids"]
+    completion = tokenizer(rows[0]["chosen"][0]["content"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    assert batch["input_ids"][0][:len(prompt + completion)].tolist() == prompt + completion
+    assert batch["labels"][0][:len(prompt + completion)].tolist() == [IGNORE] * len(prompt) + completion
+    with pytest.raises(InputError, match=r"chat.chat_template: conversations of several turns are rendered with a "
+                                         "chat template, and the backbone has none"):
+        batch_of(task, tokenizer, pairs(3))  # (the third prompt is a conversation of several turns)
+
+
 def test_bad_settings_and_backbones_are_named(tiny_t5):
     with pytest.raises(InputError, match="beta: must be positive"):
         PreferenceTuning(beta=0)
