@@ -12,7 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
-from finetune.errors import InputError, StoppedBySignal
+from finetune.errors import InputError, StoppedBySignal, with_article
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -130,5 +130,6 @@ def check_checkpoint(path: str, model_config: Any = None) -> None:
     saved = checkpoint.get("hyper_parameters", {}).get("task", {}).get("class_path", "")
     named = getattr(getattr(model_config, "task", None), "class_path", None) if model_config is not None else None
     if saved and named and named.rpartition(".")[2] != saved.rpartition(".")[2]:
-        raise InputError(f"--ckpt_path: {path!r} holds a {saved.rpartition('.')[2]} model, but the config's "
-                         f"model.task is {named.rpartition('.')[2]}; use that task's config, or leave model.task out")
+        raise InputError(f"--ckpt_path: {path!r} holds {with_article(saved.rpartition('.')[2])} model, but the "
+                         f"config's model.task is {named.rpartition('.')[2]}; use that task's config, or leave "
+                         "model.task out")

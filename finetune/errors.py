@@ -13,3 +13,8 @@ class StoppedBySignal(Exception):
     """Training stopped on SIGTERM/SIGINT after saving `last.ckpt` (a clean stop: `finetune` exits 0).
     An exception rather than `trainer.should_stop`, which would run the epoch-end hooks and let
     ModelCheckpoint overwrite `last.ckpt` with an "epoch finished" state, skipping the epoch's rest."""
+
+
+def with_article(noun: str) -> str:
+    """`noun` after the article its first letter takes ("an InstructionTuning", "a Translation")."""
+    return ("an " if noun[:1].lower() in ("a", "e", "i", "o", "u") else "a ") + noun

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 import datasets
 
-from finetune.errors import InputError
+from finetune.errors import InputError, with_article
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 #: The deepest nesting of lists and objects in a value that a JSON file's column can hold: the Arrow schema of a
@@ -107,7 +107,7 @@ def value_kind(value: Any) -> Optional[str]:
         return "a boolean"
     if isinstance(value, (int, float)):
         return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), with_article(type(value).__name__))
 
 
 def mixed_type_problem(column: str, values: Iterable[tuple[str, Any]]) -> Optional[str]:

@@ -17,13 +17,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from finetune.chat import (ChatFormat, GenerationSettings, conversation_problem, prompt_batch, prompt_ends,
+                           require_decoder, sequence_batch)
 from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.files import value_kind
-from finetune.generation import IGNORE, GenerationSettings, pad
-from finetune.target_tokens import target_tokens
+from finetune.target_tokens import IGNORE, target_tokens
 from finetune.task import Column, Task
-from tasks.instruction_tuning import InstructionTuning, conversation_problem
 
 
 class PreferenceScores(Metric):
@@ -79,8 +79,8 @@ class PreferenceTuning(Task):
         log-ratios - 1 / (2 beta))^2).
     beta: how far the model may move from the reference (DPO's beta, IPO's tau).
     label_smoothing: sigmoid loss: the share of pairs assumed mislabelled (conservative DPO), 0 to 0.5.
-    chat_template / system_prompt / stop_token / max_length / generation: as in InstructionTuning. A pair longer
-        than max_length keeps its prompt's end (at least half of max_length) and its completions' start.
+    chat / max_length / generation: as in InstructionTuning (a prompt of several turns needs a chat template). A
+        pair longer than max_length keeps its prompt's end (at least half of max_length) and its completions' start.
     """
 
     prompt_column: str = "prompt"
@@ -89,29 +89,19 @@ class PreferenceTuning(Task):
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
-    chat_template: Optional[bool] = None
-    system_prompt: Optional[str] = None
-    stop_token: Optional[str] = None
+    chat: ChatFormat = field(default_factory=ChatFormat)
     max_length: int = 1024
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     compares_to_reference = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.generation, dict):  # (as checkpoints store it)
-            object.__setattr__(self, "generation", GenerationSettings(**self.generation))
         if self.beta <= 0:
             raise InputError(f"model.task.init_args.beta: must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise InputError(f"model.task.init_args.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.max_length < 4:
             raise InputError(f"model.task.init_args.max_length: must be at least 4, got {self.max_length}")
-
-    @property
-    def conversations(self) -> InstructionTuning:
-        """Instruction tuning's rendering of conversations (template, its checks, stop token) and generation."""
-        return InstructionTuning(chat_template=self.chat_template, system_prompt=self.system_prompt,
-                                 stop_token=self.stop_token, max_length=self.max_length, generation=self.generation)
 
     def columns(self) -> list[Column]:
         return [Column("prompt_column", "messages"), Column("chosen_column", "id", target=True),
@@ -121,10 +111,8 @@ class PreferenceTuning(Task):
         return AutoModelForCausalLM
 
     def backbone_options(self, config: PretrainedConfig, tokenizer: Any) -> dict[str, Any]:
-        if config.is_encoder_decoder:
-            raise InputError(f"model.backbone: {tokenizer.name_or_path!r} is an encoder-decoder model; preference "
-                             "tuning trains a decoder-only (causal) LM, e.g. SmolLM2, Llama, Qwen or GPT-2")
-        return self.conversations.with_options(format="prompt").backbone_options(config, tokenizer)
+        require_decoder(config, tokenizer, "preference tuning")
+        return {"chat": self.chat.settle(tokenizer)}
 
     # --- data ----------------------------------------------------------------------------------
     def check_rows(self, split: str, rows: Any, where: str) -> None:
@@ -152,39 +140,17 @@ class PreferenceTuning(Task):
         return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
             [{"role": m["role"], "content": m["content"]} for m in prompt]
 
-    def encode(self, prompt: Any, reply: str, tokenizer: Any) -> tuple[list[int], list[int]]:
-        """(prompt tokens, completion tokens with the stop token), as instruction tuning renders the conversation."""
-        conversations = self.conversations
-        if self.chat_template:
-            messages = conversations.conversations({"messages": [self.messages(prompt)]}, with_targets=True)[0]
-            ids, _ = conversations.encode([*messages, {"role": "assistant", "content": reply}], tokenizer)
-        elif isinstance(prompt, str):
-            ids, _ = conversations.encode_plain(prompt, reply, tokenizer)
-        else:
-            raise InputError(f"model.task.init_args.prompt_column: the prompts are conversations, which need a chat "
-                             f"template, and {tokenizer.name_or_path!r} has none or chat_template is false")
-        completion = len(self.completion_ids(reply, tokenizer))
-        return ids[:-completion], ids[-completion:]
-
-    def completion_ids(self, reply: str, tokenizer: Any) -> list[int]:
-        """A reply's tokens and the stop token, as instruction tuning tokenizes a reply (after its prompt)."""
-        stop = tokenizer.convert_tokens_to_ids(self.stop_token)
-        return tokenizer(reply, add_special_tokens=False)["input_ids"] + [stop]
-
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
-        prompts = examples[self.prompt_column]
-        if not with_targets:  # the prompt, with the assistant's turn opened (instruction tuning's prediction)
-            rows = {"messages": [self.messages(p) for p in prompts]} if self.chat_template else \
-                {"instruction": prompts}
-            return self.conversations.with_options(
-                format="messages" if self.chat_template else "prompt", prompt="{instruction}"
-            ).preprocess(rows, tokenizer, with_targets=False)
+        conversations = [self.messages(prompt) for prompt in examples[self.prompt_column]]
+        if not with_targets:  # the prompt, with the assistant's turn opened
+            return {"input_ids": prompt_ends(self.chat.prompt_ids(conversations, tokenizer), self.max_length)}
         features: dict[str, list] = {"input_ids": [], "chosen": [], "rejected": []}
         long = 0
-        for prompt, chosen, rejected in zip(prompts, examples[self.chosen_column], examples[self.rejected_column]):
+        for messages, chosen, rejected in zip(conversations, examples[self.chosen_column],
+                                              examples[self.rejected_column]):
             # (the chosen reply's rendering checks the template; the rejected one follows the same prompt)
-            prompt_ids, chosen_ids = self.encode(prompt, reply_text(chosen), tokenizer)
-            rejected_ids = self.completion_ids(reply_text(rejected), tokenizer)
+            prompt_ids, chosen_ids = self.chat.encode_reply(messages, reply_text(chosen), tokenizer)
+            rejected_ids = self.chat.reply_ids(reply_text(rejected), tokenizer)
             longest = max(len(chosen_ids), len(rejected_ids))
             if len(prompt_ids) + longest > self.max_length:
                 long += 1
@@ -195,20 +161,19 @@ class PreferenceTuning(Task):
             features["chosen"].append(chosen_ids)
             features["rejected"].append(rejected_ids)
         if long:
-            rank_zero_warn(f"{long} of {len(prompts)} pairs are longer than model.task.init_args.max_length="
+            rank_zero_warn(f"{long} of {len(conversations)} pairs are longer than model.task.init_args.max_length="
                            f"{self.max_length} tokens: their prompts keep their end and their completions their start")
         return features
 
     def collate(self, features: list[dict], tokenizer: Any, with_targets: bool) -> dict[str, torch.Tensor]:
+        prompts = [f["input_ids"] for f in features]
         if not with_targets:
-            return self.conversations.collate(features, tokenizer, with_targets)
+            return prompt_batch(prompts, tokenizer.pad_token_id)
         # one batch of 2n sequences: the n prompts with their chosen completions, then with their rejected ones
-        prompts = [f["input_ids"] for f in features] * 2
+        prompts *= 2
         completions = [f["chosen"] for f in features] + [f["rejected"] for f in features]
-        sequences = [p + c for p, c in zip(prompts, completions)]
-        return {"input_ids": pad(sequences, tokenizer.pad_token_id),
-                "attention_mask": pad([[1] * len(s) for s in sequences], 0),
-                "labels": pad([[IGNORE] * len(p) + c for p, c in zip(prompts, completions)], IGNORE)}
+        return sequence_batch([p + c for p, c in zip(prompts, completions)],
+                              [[IGNORE] * len(p) + c for p, c in zip(prompts, completions)], tokenizer.pad_token_id)
 
     # --- model ---------------------------------------------------------------------------------
     def forward(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -240,7 +205,7 @@ class PreferenceTuning(Task):
         metrics.update(self.beta * chosen.detach(), self.beta * rejected.detach())
 
     def predict(self, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any) -> list[dict[str, Any]]:
-        return self.conversations.predict(model, batch, tokenizer)
+        return [{"generated_text": text} for text in self.chat.generate(model, batch, tokenizer, self.generation)]
 
     def chat_row(self, messages: list[dict[str, str]]) -> Optional[dict[str, Any]]:
         return conversation_row(self, messages)

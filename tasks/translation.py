@@ -57,26 +57,11 @@ class Translation(GenerationTask):
     target_lang: Optional[str] = None
     translation_column: str = "translation"
 
-
-    @property
-    def nested(self) -> bool:
-        return self.source_lang is not None and self.target_lang is not None
-
     def columns(self) -> list[Column]:
-        if not self.nested:
+        if self.source_lang is None or self.target_lang is None:
             return super().columns()
         return [Column("translation_column", field=self.source_lang),
                 Column("translation_column", target=True, field=self.target_lang)]
-
-    def source_texts(self, examples: dict[str, list]) -> list[str]:
-        if self.nested:
-            return [pair[self.source_lang] for pair in examples[self.translation_column]]
-        return super().source_texts(examples)
-
-    def target_texts(self, examples: dict[str, list]) -> list[str]:
-        if self.nested:
-            return [pair[self.target_lang] for pair in examples[self.translation_column]]
-        return super().target_texts(examples)
 
     def text_metrics(self) -> dict[str, Metric]:
         return {"bleu": SacreBLEU(sacrebleu.BLEU(tokenize="13a")), "chrf": SacreBLEU(sacrebleu.CHRF())}

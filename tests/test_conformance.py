@@ -11,6 +11,7 @@ from test_question_answering import code_rows
 from torchmetrics import Metric, MetricCollection
 
 from conftest import KIT_PROCESSES, make_rows, reversal_rows
+from finetune.chat import GenerationSettings
 from finetune.task import Task
 from finetune.testing import ConformanceError, check_task, tiny_backbone
 from tasks.classification import TextClassification
@@ -23,10 +24,11 @@ BUILT_IN = {
     "classification": (TextClassification(), make_rows(24), "bert", [], 3),
     "question_answering": (QuestionAnswering(version_2_with_negative=True, max_length=64, doc_stride=16),
                            code_rows(16, seed=1), "bert", [], 3),
-    "summarization": (Summarization(source_column="source", target_column="target", generation={"max_new_tokens": 8}),
+    "summarization": (Summarization(source_column="source", target_column="target",
+                                    generation=GenerationSettings(max_new_tokens=8)),
                       reversal_rows(24), "t5", ["--model.lora=null"], 8),
-    "translation": (Translation(generation={"max_new_tokens": 8}), reversal_rows(24), "gpt2",  # decoder-only
-                    ["--model.lora=null"], 8),
+    "translation": (Translation(generation=GenerationSettings(max_new_tokens=8)), reversal_rows(24),
+                    "gpt2", ["--model.lora=null"], 8),  # (decoder-only)
 }
 
 

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 from conftest import REPO, reversal_rows, write_jsonl
+from finetune.chat import ChatFormat, GenerationSettings
 from finetune.checkpointing import check_checkpoint
 from finetune.cli import main, run
 from finetune.columns import declared_columns
@@ -24,7 +25,8 @@ from tasks.translation import Translation
 
 
 @pytest.mark.parametrize("task", [TextClassification(labels=["a", "b"], max_length=64), QuestionAnswering(n_best=5),
-                                  Summarization(generation={"num_beams": 4}),
+                                  Summarization(chat=ChatFormat(system_prompt="Be brief."),
+                                                generation=GenerationSettings(num_beams=4)),
                                   Translation(source_lang="en", target_lang="de")])
 def test_a_task_is_its_options(task):
     config = task.config()
@@ -143,6 +145,10 @@ def test_checkpoints_are_checked_before_anything_loads(tmp_path):
                                          r"TextClassification"):
         check_checkpoint(qa, config)
     check_checkpoint(qa)  # no task named: the checkpoint's is used
+    sft = checkpoint_file(tmp_path / "sft.ckpt", finetune_format=2,
+                          hyper_parameters={"task": {"class_path": "tasks.instruction_tuning.InstructionTuning"}})
+    with pytest.raises(InputError, match=r"holds an InstructionTuning model, but the config's model.task is "):
+        check_checkpoint(sft, config)
     with pytest.raises(InputError, match=r"--ckpt_path: '.*missing.ckpt' does not exist"):
         check_checkpoint(str(tmp_path / "missing.ckpt"))
 

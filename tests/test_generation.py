@@ -12,19 +12,20 @@ import torch.nn.functional as F
 from rouge_score import rouge_scorer
 
 from conftest import SHARED, reversal_rows, write_jsonl
+from finetune.chat import ChatFormat, GenerationSettings
 from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.module import FineTuneModule
+from finetune.testing import CHATML_TEMPLATE
 from tasks.summarization import Rouge, split_sentences
-from tasks.translation import SacreBLEU
+from tasks.translation import SacreBLEU, Translation
 
 MULTI30K = SHARED / "data" / "multi30k" / "validation.jsonl"
 needs_multi30k = pytest.mark.skipif(not MULTI30K.is_file(), reason="../shared/data/multi30k is not here")
 
 
-def module_for(backbone, task="translation", **task_args) -> FineTuneModule:
-    task = {"class_path": f"tasks.{task}.{task.title()}", "init_args": task_args}
-    module = FineTuneModule(backbone, task, lora=None)
+def module_for(backbone, **task_args) -> FineTuneModule:
+    module = FineTuneModule(backbone, Translation(**task_args), lora=None)
     module.configure_model()
     return module
 
@@ -96,7 +97,7 @@ def test_seq2seq_label_padding_and_label_smoothing(tiny_t5):
 
 
 def test_left_padded_generation_equals_generating_each_prompt_alone(tiny_gpt2):
-    module = module_for(tiny_gpt2, generation={"max_new_tokens": 6})
+    module = module_for(tiny_gpt2, generation=GenerationSettings(max_new_tokens=6))
     rows = [{"source": "good bad nice great"}, {"source": "river"}, {"source": "lamp door stone"}]
     together = module.task.generate(module.model.eval(), batch_of(module, rows, with_targets=False), module.tokenizer)
     alone = [module.task.generate(module.model, batch_of(module, [r], with_targets=False), module.tokenizer)[0]
@@ -105,7 +106,7 @@ def test_left_padded_generation_equals_generating_each_prompt_alone(tiny_gpt2):
 
 
 def test_beam_search_and_settings_reach_generate(tiny_t5):
-    module = module_for(tiny_t5, generation={"num_beams": 4, "max_new_tokens": 5, "no_repeat_ngram_size": 2})
+    module = module_for(tiny_t5, generation=GenerationSettings(num_beams=4, max_new_tokens=5, no_repeat_ngram_size=2))
     kwargs = module.task.generation.generate_kwargs()
     assert kwargs == {"max_new_tokens": 5, "num_beams": 4, "do_sample": False, "length_penalty": 1.0,
                       "no_repeat_ngram_size": 2}
@@ -256,9 +257,9 @@ def test_ready_configs_parse(name, capsys):
 
 # --- chat templates (instruct models) --------------------------------------------------------------
 def test_a_chat_template_makes_the_prompt_the_user_turn_and_the_loss_the_reply_and_its_end_of_turn(tiny_llama):
-    module = module_for(tiny_llama, prompt="Reverse: {source}", system_prompt="Be brief.")
+    module = module_for(tiny_llama, prompt="Reverse: {source}", chat=ChatFormat(system_prompt="Be brief."))
     task, tokenizer = module.task, module.tokenizer
-    assert (task.decoder_only, task.chat_template, task.stop_token) == (True, True, "<|im_end|>")
+    assert (task.decoder_only, task.chat.chat_template, task.chat.stop_token) == (True, True, "<|im_end|>")
     batch = batch_of(module, [{"source": "good cat", "target": "cat good"}, {"source": "a", "target": "dog sat"}])
     prompt = tokenizer.decode(batch["prompt_ids"][0][batch["prompt_attention_mask"][0].bool()])
     assert prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nReverse: good cat<|im_end|>\n"
@@ -277,21 +278,29 @@ def test_a_chat_template_makes_the_prompt_the_user_turn_and_the_loss_the_reply_a
 
 
 def test_chat_template_can_be_switched_off_and_is_refused_where_it_cannot_apply(tiny_llama, tiny_gpt2, tiny_t5):
-    plain = module_for(tiny_llama, chat_template=False)
+    plain = module_for(tiny_llama, chat=ChatFormat(chat_template=False))
     batch = batch_of(plain, [{"source": "good cat", "target": "cat good"}])
     assert plain.tokenizer.decode(batch["prompt_ids"][0]) == "good cat\n"
-    assert module_for(tiny_gpt2).task.chat_template is False  # a base model: no template, today's format
+    assert module_for(tiny_gpt2).task.chat.chat_template is False  # a base model: no template, today's format
     with pytest.raises(InputError, match=r"chat_template: the tokenizer of .* has no chat template \(a base model\)"):
-        module_for(tiny_gpt2, chat_template=True)
+        module_for(tiny_gpt2, chat=ChatFormat(chat_template=True))
     with pytest.raises(InputError, match=r"chat_template: an encoder-decoder backbone"):
-        module_for(tiny_t5, chat_template=True)
+        module_for(tiny_t5, chat=ChatFormat(chat_template=True))
     with pytest.raises(InputError, match=r"stop_token: '<\|nope\|>' is not a token of"):
-        module_for(tiny_llama, stop_token="<|nope|>")
+        module_for(tiny_llama, chat=ChatFormat(stop_token="<|nope|>"))
 
 
 def test_a_template_that_does_not_render_prompt_then_reply_stops_before_training(tiny_llama):
-    module = module_for(tiny_llama, stop_token="<|im_start|>")  # not what the template ends a turn with
-    with pytest.raises(InputError, match=r"chat template of .* renders the row with prompt 'good cat' and reply 'cat "
-                                         r"good' as tokens that are not the prompt's, then the reply's and the stop "
-                                         r"token '<\|im_start\|>' \(they differ at token \d+: '<\|im_end\|>"):
-        batch_of(module, [{"source": "good cat", "target": "cat good"}])
+    # a stop token that is not what the template ends a turn with: refused at setup, before any data
+    with pytest.raises(InputError, match=r"chat.chat_template: the chat template of .* does not render the "
+                                         r"conversation 'Hi'... as its turns one after the other, each assistant "
+                                         r"reply followed by the stop token '<\|im_start\|>': at turn 2 it renders "
+                                         r"'.*Hello<\|im_end\|>"):
+        module_for(tiny_llama, chat=ChatFormat(stop_token="<|im_start|>"))
+    # every row is checked: a template that trims the reply does not render this row's reply as it is
+    module = module_for(tiny_llama)
+    module.tokenizer.chat_template = CHATML_TEMPLATE.replace("message['content']", "message['content'] | trim")
+    batch_of(module, [{"source": "good cat", "target": "cat good"}])
+    with pytest.raises(InputError, match=r"does not render the conversation 'good cat'... .* at turn 2 it renders "
+                                         r"'.*\\ncat good<\|im_end\|>.*' where '.*\\n cat good<\|im_end\|>' was expected"):
+        batch_of(module, [{"source": "good cat", "target": "cat good"}, {"source": "good cat", "target": " cat good"}])

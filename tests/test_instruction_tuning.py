@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import KIT_PROCESSES, SHARED, WORDS, write_jsonl
+from finetune.chat import ChatFormat, GenerationSettings
 from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.files import read_data_file
@@ -55,7 +56,7 @@ def conversations(n, seed=0, turns=3, most=4) -> list[dict]:
 def test_every_assistant_reply_and_its_end_of_turn_are_the_loss_and_nothing_else(tiny_llama):
     module = module_for(tiny_llama)
     task, tokenizer = module.task, module.tokenizer
-    assert (task.chat_template, task.stop_token, tokenizer.pad_token) == (True, "<|im_end|>", "<|im_end|>")
+    assert (task.chat.chat_template, task.chat.stop_token, tokenizer.pad_token) == (True, "<|im_end|>", "<|im_end|>")
     messages = [turn("system", "be brief"), turn("user", "good day"), turn("assistant", "great nice"),
                 turn("user", "sad cloud"), turn("assistant", "cloud sad river")]
     (feature,) = features_of(task, tokenizer, [{"messages": messages}])
@@ -72,7 +73,7 @@ def test_every_assistant_reply_and_its_end_of_turn_are_the_loss_and_nothing_else
     assert labels[-len(replies[1]):] == replies[1]
 
     # train_on_prompt: every token is a target
-    everything = InstructionTuning(train_on_prompt=True).with_options(chat_template=True, stop_token="<|im_end|>")
+    everything = InstructionTuning(train_on_prompt=True, chat=ChatFormat(chat_template=True, stop_token="<|im_end|>"))
     (whole,) = features_of(everything, tokenizer, [{"messages": messages}])
     assert whole["input_ids"] == ids and whole["labels"] == ids
 
@@ -89,7 +90,7 @@ def test_every_assistant_reply_and_its_end_of_turn_are_the_loss_and_nothing_else
 
 
 def test_predict_prompts_end_with_the_generation_prompt_after_the_last_user_turn(tiny_llama):
-    module = module_for(tiny_llama, system_prompt="be kind")
+    module = module_for(tiny_llama, chat=ChatFormat(system_prompt="be kind"))
     task, tokenizer = module.task, module.tokenizer
     messages = [turn("user", "good"), turn("assistant", "nice"), turn("user", "sad"), turn("assistant", "bad")]
     rows = [{"messages": messages}, {"messages": messages[:3]}]  # ending with an assistant turn, or not
@@ -114,7 +115,7 @@ def test_prompt_format_fills_the_template_with_the_chat_template_or_the_plain_fo
         assert tokenizer.decode([t for t in feature["labels"] if t != IGNORE]) == row["output"] + "<|im_end|>"
 
     plain = module_for(tiny_gpt2, format="prompt")  # no chat template: prompt, newline, reply, eos
-    assert (plain.task.chat_template, plain.task.stop_token) == (False, "</s>")
+    assert (plain.task.chat.chat_template, plain.task.chat.stop_token) == (False, "</s>")
     features = features_of(plain.task, plain.tokenizer, rows)
     tok = plain.tokenizer
     for feature, user, row in zip(features, users, rows):
@@ -224,7 +225,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll_whatever_the_batching(tiny_llam
 def test_conforms_with_packing_and_perplexity_is_the_same_in_two_processes(processes, tmp_path):
     """(In one process the kit's checks and the token mean; the comparison with two runs with the slow tests.)"""
     rows = conversations(15, seed=1)  # validation: 15 rows, odd, split over 2 processes
-    task = InstructionTuning(packing=True, max_length=160, generation={"max_new_tokens": 6})
+    task = InstructionTuning(packing=True, max_length=160, generation=GenerationSettings(max_new_tokens=6))
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=3, processes=processes,
                         extra_args=["--model.lora=null"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
@@ -280,6 +281,15 @@ BAD_MESSAGES = [
      "message 2 (assistant) must have a string content, got a number: 5"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant"}], "message 2 (assistant) must have a string content"),
     ([{"role": "system", "content": "x"}, {"role": "user", "content": "hi"}], "has no assistant turn to train on"),
+    # (a chat template cannot render the conversation before a first reply of the assistant)
+    ([turn("assistant", "hello"), turn("user", "hi"), turn("assistant", "hello")],
+     "starts with the assistant's turn (message 1); after an optional system turn a conversation starts with the "
+     "user's"),
+    ([turn("system", "x"), turn("assistant", "hello"), turn("user", "hi"), turn("assistant", "hello")],
+     "starts with the assistant's turn (message 2)"),
+    ([turn("user", "hi"), turn("assistant", "")], "message 2 (assistant) is empty ('')"),
+    ([turn("user", "hi"), turn("assistant", "hello"), turn("user", "  "), turn("assistant", "x")],
+     "message 3 (user) is empty ('  ')"),
 ]
 
 
@@ -293,6 +303,18 @@ def test_bad_conversations_are_named_by_file_row_and_column(value, problem, tmp_
     with pytest.raises(InputError, match="^" + re.escape(expected)):
         InstructionTuning().check_rows("train", rows, where)
     InstructionTuning().check_rows("train", rows.select([0]), where)  # (the good row passes)
+
+
+def test_a_conversation_the_assistant_starts_stops_before_training_naming_its_row(tiny_llama, tmp_path):
+    """(Before, transformers' "Cannot apply chat template to an empty conversation", from the first reply's prompt.)"""
+    good = {"messages": [turn("user", "hi"), turn("assistant", "hello")]}
+    starts = {"messages": [turn("assistant", "hello"), turn("user", "hi"), turn("assistant", "nice")]}
+    train = write_jsonl(tmp_path / "t.jsonl", [good, starts])
+    with pytest.raises(InputError, match=r"^data.train_file \(.*t.jsonl\), row 2: column 'messages' .* starts with "
+                                         r"the assistant's turn \(message 1\)"):
+        run(["fit", f"--model.backbone={tiny_llama}", "--model.task=InstructionTuning", f"--data.train_file={train}",
+             f"--trainer.default_root_dir={tmp_path}"])
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_bad_prompt_rows_and_settings_stop_before_training(tiny_llama, tiny_t5, tiny_gpt2, tmp_path):
@@ -321,7 +343,7 @@ def test_bad_prompt_rows_and_settings_stop_before_training(tiny_llama, tiny_t5, 
     # a stop token that does not end the template's assistant turn: the setup check names the template
     with pytest.raises(InputError, match="chat template of .* does not render the conversation 'Hi'... .* each "
                                          "assistant reply followed by the stop token '<\\|im_start\\|>': at turn 2"):
-        FineTuneModule(tiny_llama, InstructionTuning(stop_token="<|im_start|>"))
+        FineTuneModule(tiny_llama, InstructionTuning(chat=ChatFormat(stop_token="<|im_start|>")))
 
     # through the command: an empty reply of the training file, named before any training
     train = write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "input": "", "output": "b"},
@@ -349,7 +371,7 @@ def test_smollm2_lora_on_alpaca_rows_fits_validates_and_predicts(smollm2, tmp_pa
     cli = run(["fit", *common, f"--data.train_file={train}", f"--data.val_file={val}", "--data.batch_size=4",
                "--trainer.max_steps=2", "--model.task.packing=true", "--model.task.max_length=256"])
     task, tokenizer = cli.model.task, cli.model.tokenizer
-    assert (task.chat_template, task.stop_token) == (True, "<|im_end|>")
+    assert (task.chat.chat_template, task.chat.stop_token) == (True, "<|im_end|>")
     (feature,) = features_of(task, tokenizer, rows[:1])
     assert tokenizer.decode([t for t in feature["labels"] if t != IGNORE]) == rows[0]["output"] + "<|im_end|>"
     metrics = cli.trainer.callback_metrics

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import KIT_PROCESSES, SHARED, WORDS, write_jsonl
+from finetune.chat import GenerationSettings
 from finetune.errors import InputError
 from finetune.files import read_data_file
 from finetune.generation import IGNORE
@@ -183,7 +184,7 @@ def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
 def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, tmp_path):
     """(In one process the kit's checks and learning; the comparison with two runs with the slow tests.)"""
     rows = pairs(15, seed=3)  # validation: 15 pairs, odd, split over 2 processes
-    task = PreferenceTuning(beta=0.5, generation={"max_new_tokens": 4})
+    task = PreferenceTuning(beta=0.5, generation=GenerationSettings(max_new_tokens=4))
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4, processes=processes,
                         extra_args=["--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.02"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
@@ -199,6 +200,9 @@ BAD_PAIRS = [
      "must end with a user turn"),
     ({"prompt": [{"role": "bot", "content": "x"}]}, "column 'prompt' (model.task.init_args.prompt_column) message 1 "
      "has the role 'bot'"),
+    ({"prompt": [turn("assistant", "x"), turn("user", "hi")]}, "column 'prompt' (model.task.init_args.prompt_column) "
+     "starts with the assistant's turn (message 1)"),
+    ({"prompt": [turn("user", "")]}, "column 'prompt' (model.task.init_args.prompt_column) message 1 (user) is empty"),
     ({"chosen": ""}, "column 'chosen' (model.task.init_args.chosen_column) is an empty completion"),
     ({"rejected": [turn("assistant", "  ")]}, "column 'rejected' (model.task.init_args.rejected_column) is an empty "
      "completion"),
@@ -217,6 +221,21 @@ def test_bad_pairs_are_named_by_file_row_and_field(change, problem, tmp_path):
     with pytest.raises(InputError, match="^" + re.escape(f"{where}, row 2: {problem}")):
         PreferenceTuning().check_rows("train", read_data_file(path, where, []), where)
     PreferenceTuning().check_rows("train", read_data_file(path, where, []).select([0]), where)
+
+
+def test_without_a_chat_template_a_prompt_is_one_user_turn(tiny_gpt2):
+    task = FineTuneModule(tiny_gpt2, PreferenceTuning(), lora=None).task
+    tokenizer = FineTuneModule(tiny_gpt2, task, lora=None).tokenizer
+    rows = pairs(3, plain=True)
+    batch = batch_of(task, tokenizer, rows)  # the base format: the prompt, a newline, the completion and eos
+    prompt = tokenizer(rows[0]["prompt"] + "\n")["input_ids"]
+    completion = tokenizer(rows[0]["chosen"][0]["content"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
+    assert batch["input_ids"][0][:len(prompt + completion)].tolist() == prompt + completion
+    assert batch["labels"][0][:len(prompt + completion)].tolist() == [IGNORE] * len(prompt) + completion
+    with pytest.raises(InputError, match=r"chat.chat_template: conversations of several turns are rendered with a "
+                                         "chat template, and the backbone has none"):
+        batch_of(task, tokenizer, pairs(3))  # (the third prompt is a conversation of several turns)
 
 
 def test_bad_settings_and_backbones_are_named(tiny_t5):

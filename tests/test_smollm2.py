@@ -32,7 +32,7 @@ def test_translation_lora_fit_predict_export_and_the_merged_model_generates_the_
     cli = run(["fit", *common, f"--data.train_file={train}", "--data.batch_size=4", "--trainer.max_steps=2",
                "--model.optimizer.lr=1e-3", f"--trainer.default_root_dir={tmp_path / 'fit'}"])
     task = cli.model.task
-    assert (task.chat_template, task.stop_token) == (True, "<|im_end|>")  # the instruct model's own format
+    assert (task.chat.chat_template, task.chat.stop_token) == (True, "<|im_end|>")  # the instruct model's own format
     checkpoint = sorted((tmp_path / "fit").rglob("*.ckpt"))[-1]
 
     out = tmp_path / "predictions.jsonl"
