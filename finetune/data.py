@@ -191,6 +191,15 @@ class DataModule(LightningDataModule):
     def resume_at(self, position: dict[str, int]) -> None:
         self.resume_position = position or None
 
+    # Checkpoints store where training is in the epoch, so that a resumed run continues with the next batch of the
+    # same order. (Lightning restores a data module's state before it builds the loaders; the training loader
+    # declares the same state, so that Lightning knows it resumes.)
+    def state_dict(self) -> dict[str, int]:
+        return self.training_position() if self.trainer is not None and self.trainer.training else {}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.resume_at(state)
+
     def val_dataloader(self) -> Any:
         return self.loader("val", train=False) if "val" in self.features else []
 
@@ -202,9 +211,7 @@ class DataModule(LightningDataModule):
 
 
 class TrainingLoader(DataLoader):
-    """The training loader, resumable: Lightning saves its `state_dict` (where training is in the epoch) in
-    checkpoints and gives it back to `load_state_dict` on resume, so a resumed run continues with the next batch
-    of the same order."""
+    """The training loader, resumable: its state is where training is in the epoch (the data module's)."""
 
     def __init__(self, *args: Any, position: Callable[[], dict[str, int]],
                  resume_at: Callable[[dict[str, int]], None], **kwargs: Any) -> None:
