@@ -44,7 +44,7 @@ class StepMeter:
     device is synchronised only where the timed steps begin and end, so that measuring adds no host-device sync.
     """
 
-    def __init__(self, warmup: int, timed: int, sync_steps: int = 0, pad_id: Optional[int] = None) -> None:
+    def __init__(self, warmup: int = 1, timed: int = 0, sync_steps: int = 0, pad_id: Optional[int] = None) -> None:
         import torch
 
         assert warmup >= 1, "the timed steps start at the end of a warm-up step"
@@ -109,6 +109,10 @@ class StepMeter:
             torch.cuda.set_sync_debug_mode(0)
             self.catcher.__exit__(None, None, None)
             self.catcher = None
+
+    def real_tokens(self) -> float:
+        """The real tokens of every step so far."""
+        return float(sum(b[1] for b in self.batches))
 
     def result(self, matmul_params: int = 0, head_params: int = 0) -> dict[str, Any]:
         """Figures over the timed steps. Model FLOP/s with `matmul_params`: 4 N per computed token (forward 2N +
