@@ -64,7 +64,8 @@ def run_finetune(args: argparse.Namespace, decoding: str, work: Path, meter: Gen
     output = work / "predictions.jsonl"
     generation = [f"--model.task.generation.{k}={v}" for k, v in generation_kwargs(args, decoding).items()]
     finetune_cli.run(["predict", f"--config={CONFIG}", f"--seed_everything={args.seed}", f"--model.backbone={SMOLLM2}",
-                      *generation, f"--data.predict_file={args.prompts_file}", f"--data.eval_batch_size={args.batch_size}",
+                      *generation, f"--data.predict_file={args.prompts_file}",
+                      f"--data.eval_batch_size={args.batch_size}",
                       f"--predictions.output_file={output}", "--trainer.accelerator=cpu", "--trainer.devices=1",
                       f"--trainer.default_root_dir={work}"], generation=meter)
     return [row["generated_text"] for row in read_jsonl(output)]

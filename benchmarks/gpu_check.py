@@ -224,7 +224,8 @@ class Driver:
                                       "syncs/step", "wall s"], rows), ""]
         strategies = sorted((c for c in self.checks if c["kind"] == "strategy"), key=lambda c: c["strategy"])
         if strategies:
-            rows = [[c["strategy"], c.get("devices", "–"), c["stages"].get("fit", "–"), c["stages"].get("predict", "–"),
+            rows = [[c["strategy"], c.get("devices", "–"), c["stages"].get("fit", "–"),
+                     c["stages"].get("predict", "–"),
                      c["status"], f"{c['seconds']:.0f}", (c.get("note") or "")[:90]] for c in strategies]
             lines += [f"Strategies: configs/instruction_tuning.yaml + configs/strategies/<name>.yaml, fit "
                       f"{self.args.strategy_steps} steps -> last.ckpt -> single-process predict",
@@ -468,7 +469,8 @@ def run_checks(driver: Driver, work: Path, gpu: bool) -> None:
                     f"--train_file={files['bench_train']}", *flags), args.bench_timeout, work)
                 r = run.get("result") or {}
                 note = (f"{r['params'] / 1e6:.0f}M params ({r['weights_dtype']}), {r['trainable_params'] / 1e6:.1f}M "
-                        f"trained, padding {100 * r['padding_fraction']:.1f}%, 1st step at {r['startup_to_first_step_s']:.0f} s"
+                        f"trained, padding {100 * r['padding_fraction']:.1f}%, "
+                        f"1st step at {r['startup_to_first_step_s']:.0f} s"
                         if r else last_error_line(run))
                 driver.record({"kind": "bench", "name": name, "model": label, "system": system, **run, "note": note})
 

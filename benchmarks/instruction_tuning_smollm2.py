@@ -128,8 +128,8 @@ def main() -> None:
     c4 = fit_and_compare(
         work / "c4", ["--model.task=InstructionTuning", "--model.task.format=text", "--model.task.packing=true",
                       f"--model.task.max_length={args.max_length}"],
-        read_jsonl(DATA / "c4" / "train.jsonl", args.c4_train), read_jsonl(DATA / "c4" / "validation.jsonl", args.c4_val),
-        args)
+        read_jsonl(DATA / "c4" / "train.jsonl", args.c4_train),
+        read_jsonl(DATA / "c4" / "validation.jsonl", args.c4_val), args)
     packed = {**padding_shares(args), **packing_throughput(work, args)}
 
     print(f"\nSmolLM2-135M-Instruct, LoRA r=8 all-linear, lr {args.lr}, batch {args.batch_size}, max_length "

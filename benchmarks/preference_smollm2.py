@@ -42,10 +42,12 @@ def memory_steps(kind: str, args: argparse.Namespace) -> None:
     else:
         task = ["--model.task=PreferenceTuning"]
     started = time.perf_counter()
-    finetune_cli.run(["fit", *task, *common_args(work, args), f"--data.train_file={write_jsonl(work / 'train.jsonl', rows)}",
+    train = write_jsonl(work / "train.jsonl", rows)
+    finetune_cli.run(["fit", *task, *common_args(work, args), f"--data.train_file={train}",
                       f"--trainer.max_steps={args.memory_steps}", "--trainer.logger=false",
                       "--trainer.enable_checkpointing=false"])
-    emit({"kind": kind, "peak_rss_gb": round(peak_rss_mb() / 1024, 2), "seconds": round(time.perf_counter() - started, 1)})
+    emit({"kind": kind, "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
+          "seconds": round(time.perf_counter() - started, 1)})
 
 
 def main() -> None:

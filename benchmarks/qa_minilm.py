@@ -80,9 +80,10 @@ def main() -> None:
     before = finetune_cli.metrics(finetune_cli.run(["validate", *common]))
     validate_s = time.perf_counter() - start
     start = time.perf_counter()
-    fit = finetune_cli.run(["fit", *common, f"--data.train_file={out / 'train.jsonl'}", f"--trainer.max_epochs={args.epochs}",
-               f"--model.optimizer.lr={args.lr}", "--model.lora.target_modules=all-linear",
-               f"--model.lora.r={args.lora_r}", f"--model.lora.alpha={2 * args.lora_r}"])
+    fit = finetune_cli.run(["fit", *common, f"--data.train_file={out / 'train.jsonl'}",
+                            f"--trainer.max_epochs={args.epochs}", f"--model.optimizer.lr={args.lr}",
+                            "--model.lora.target_modules=all-linear", f"--model.lora.r={args.lora_r}",
+                            f"--model.lora.alpha={2 * args.lora_r}"])
     fit_s = time.perf_counter() - start
     after = finetune_cli.metrics(fit)
     forced = forced_answers(fit, out / "val.jsonl")

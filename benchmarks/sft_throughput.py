@@ -176,7 +176,8 @@ def run_trl(args: argparse.Namespace, work: Path, meter: StepMeter, variant: str
         settings["per_device_train_batch_size"] = max(1, round(args.batch_size * mean_length / args.max_length))
     config = trl.sft(model, data.remove_columns("attention_mask"), tokenizer, settings, args.max_length, variant,
                      meter)
-    return {**figures(meter, model), "optimizer": str(config.optim), "batch_rows": settings["per_device_train_batch_size"]}
+    return {**figures(meter, model), "optimizer": str(config.optim),
+            "batch_rows": settings["per_device_train_batch_size"]}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -289,8 +290,8 @@ def report(summary: dict[str, Any], errors: dict[str, str], data: dict[str, Any]
         lines.append(f"Dense fp32 matmul peak (2048², {args.threads} threads, median of rounds): {peak:.1f} GFLOP/s.")
     targets = []
     if {"finetune", "loop"} <= summary.keys():
-        targets.append(("finetune tokens/s ≥ 0.97 × hand loop", ratio(summary, "finetune", "loop", "real_tokens_per_s"),
-                        0.97, True))
+        targets.append(("finetune tokens/s ≥ 0.97 × hand loop",
+                        ratio(summary, "finetune", "loop", "real_tokens_per_s"), 0.97, True))
     for other, packed in (("hf_trainer", False), ("trl", False), ("trl_packed", True)):
         mine = "finetune_packed" if packed else "finetune"
         if {mine, other} <= summary.keys() and other not in errors:
