@@ -29,17 +29,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.data import DATA, read_jsonl, subset
-from benchmarks.harness import REPO, add_run_arguments, alternate, child_commands, emit, set_threads
+from benchmarks.harness import REPO, add_run_arguments, child_commands, emit, set_threads
 from benchmarks.meter import GenerationMeter
 from benchmarks.models import SMOLLM2, model_dir, with_lora
-from benchmarks.results import cell, interference_note, machine, markdown_table, publish, summarize, versions
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, summarize, versions
 from benchmarks.systems import finetune_cli, generate_loop, pipeline
 
 CONFIG = REPO / "configs" / "instruction_tuning.yaml"
@@ -141,7 +140,6 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-chat-"))
     started = time.time()
-    info = machine(args.threads)
     set_threads(args.threads)
     model = model_dir(SMOLLM2)  # what finetune loads for SMOLLM2: the other systems load the same
     prompts_file = subset(Path(args.data) / "validation.jsonl", work / "prompts.jsonl", args.prompts)
@@ -150,12 +148,9 @@ def main() -> None:
                f"--top_p={args.top_p}", f"--seed={args.seed}", f"--threads={args.threads}"]
     systems = child_commands(__spec__.name, [f"{system}:{decoding}" for decoding in args.decoding.split(",")
                                              for system in SYSTEMS], options)
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
+    runs, _, info = compare(systems, args, work)
     texts = compare_texts(runs, args.decoding.split(","))
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
+    summary = summarize(runs)  # (with each run's count of texts identical to finetune's)
     publish(args.output, {
         "finetune_cache": os.environ.get("FINETUNE_CACHE", ""), "machine": info, "model_dir": model,
         "versions": versions("torch", "lightning", "transformers", "peft", "datasets"),

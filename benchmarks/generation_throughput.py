@@ -17,19 +17,17 @@ Every (system, decoding) runs in a fresh process per repeat, alternately, after 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.data import DATA, subset
-from benchmarks.harness import add_run_arguments, alternate, child_commands, emit, set_threads
+from benchmarks.harness import add_run_arguments, child_commands, emit, set_threads
 from benchmarks.meter import GenerationMeter
 from benchmarks.models import minilm_seq2seq, with_lora
-from benchmarks.results import cell, interference_note, machine, markdown_table, publish, ratio, summarize, versions
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
 from benchmarks.systems import finetune_cli, hf_trainer
 
 SYSTEMS = {"finetune": "finetune validate", "hf": "HF Seq2SeqTrainer.evaluate(predict_with_generate)"}
@@ -124,7 +122,6 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench-gen-"))
     started = time.time()
-    info = machine(args.threads)
     set_threads(args.threads)
     minilm_seq2seq(work / "model", args.seed)
     val_file = subset(Path(args.data) / "validation.jsonl", work / "validation.jsonl", args.sentences)
@@ -133,11 +130,7 @@ def main() -> None:
                f"--max_new_tokens={args.max_new_tokens}", f"--seed={args.seed}", f"--threads={args.threads}"]
     systems = child_commands(__spec__.name, [f"{system}:{decoding}" for decoding in args.decoding.split(",")
                                              for system in SYSTEMS], options)
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
+    runs, summary, info = compare(systems, args, work)
     publish(args.output, {
         "machine": info, "versions": versions("torch", "lightning", "transformers", "peft", "datasets"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "model", "val_file", "output")},

@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.harness import add_run_arguments, alternate, emit, module_command, set_threads
+from benchmarks.harness import add_run_arguments, emit, module_command, set_threads
 from benchmarks.meter import PeakSampler, peak_rss_mb, rss_mb
 from benchmarks.models import SMOLLM2, model_dir, with_lora
-from benchmarks.results import machine, markdown_table, publish, versions
+from benchmarks.results import compare, markdown_table, publish, versions
 
 METHODS = {"full": "full logits (transformers' loss)", "chunked": "finetune (target tokens, chunked)"}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
@@ -99,10 +98,8 @@ def main() -> None:
 
     systems = {f"{method}@{length}": (lambda m=method, n=length: command(m, n))
                for length in lengths for method in METHODS}
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # (the children's environment is a copy of this one)
-    runs = alternate(systems, args.repeats, 0, args.threads, log, args.quiet, args.max_wait)
+    runs, _, info = compare(systems, args, work)
 
     rows, figures = [], {}
     for length in lengths:
@@ -120,7 +117,7 @@ def main() -> None:
     header = ["length", "tokens", "full: step peak (MB)", "finetune: step peak (MB)", "ratio", "full: step (s)",
               "finetune: step (s)", "loss", "Δ loss", "max Δ grad / max grad"]
     publish(args.output, {
-        "machine": machine(args.threads), "versions": versions("torch", "transformers", "peft"),
+        "machine": info, "versions": versions("torch", "transformers", "peft"),
         "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": backbone,
                      "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
         "figures": figures, "runs": runs}, markdown_table(header, rows))

@@ -11,9 +11,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO
+from benchmarks.harness import REPO, alternate
 
 RESULTS = REPO / "benchmarks" / "results"
+
+
+def compare(systems: dict[str, Any], args: Any, work: Path) -> tuple[dict[str, list], dict[str, Any], dict[str, Any]]:
+    """The systems' rounds (`harness.alternate`, with the options of `harness.add_run_arguments`); returns the runs,
+    their summary and the machine (with its load average before and after)."""
+    log = work / "children.log"
+    print(f"children's output: {log}", file=sys.stderr)
+    info = machine(args.threads)
+    runs = alternate(systems, args.repeats, vars(args).get("warmup_rounds", 0), args.threads, log, args.quiet,
+                     args.max_wait)
+    info["load_average_at_end"] = os.getloadavg()
+    return runs, summarize(runs), info
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -44,20 +44,18 @@ a fraction of this machine's dense fp32 matmul peak measured in the same run.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.data import DATA, columns, read_jsonl, subset
-from benchmarks.harness import add_run_arguments, alternate, child_commands, emit, set_threads
+from benchmarks.harness import add_run_arguments, child_commands, emit, set_threads
 from benchmarks.meter import IGNORE, StepMeter, matmul_peak, matmul_weights, peak_rss_mb, trainable_params
 from benchmarks.models import SMOLLM2, model_dir, task_for, with_lora
-from benchmarks.results import cell, interference_note, machine, markdown_table, publish, ratio, summarize, versions
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
 from benchmarks.systems import finetune_cli, hand_loop, hf_trainer, trl
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # target_modules: all-linear
@@ -251,12 +249,7 @@ def main() -> None:
                f"--lr={args.lr}", f"--seed={args.seed}", f"--threads={args.threads}"]
     names = args.systems.split(",")
     systems = child_commands(__spec__.name, names, options)
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
-    info = machine(args.threads)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
+    runs, summary, info = compare(systems, args, work)
     errors = {name: runs[name][-1]["error"] for name in names if "error" in runs[name][-1]}
     publish(args.output, {
         "machine": info,

@@ -25,7 +25,6 @@ fraction of this machine's dense fp32 matmul peak measured in the same run. Also
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import subprocess
@@ -37,10 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.data import DATA, columns, read_jsonl
-from benchmarks.harness import add_run_arguments, alternate, child_commands, child_env, emit, set_threads
+from benchmarks.harness import add_run_arguments, child_commands, child_env, emit, set_threads
 from benchmarks.meter import StepMeter, dir_size_mb, matmul_peak, matmul_weights, trainable_params
 from benchmarks.models import MINILM, model_dir, with_lora
-from benchmarks.results import cell, interference_note, machine, markdown_table, publish, ratio, summarize, versions
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
 from benchmarks.systems import finetune_cli, hand_loop, hf_trainer
 
 SYSTEMS = {
@@ -174,14 +173,9 @@ def main() -> None:
                f"--batch_size={args.batch_size}", f"--max_length={args.max_length}", f"--lr={args.lr}",
                f"--seed={args.seed}", f"--threads={args.threads}"]
     systems = child_commands(__spec__.name, args.systems.split(","), options)
-    log = Path(tempfile.mkdtemp(prefix="bench-train-")) / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
     started = time.time()
-    info = machine(args.threads)
     help_time = help_wall_time(args.threads)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
+    runs, summary, info = compare(systems, args, Path(tempfile.mkdtemp(prefix="bench-train-")))
     publish(args.output, {
         "machine": info, "versions": versions("torch", "lightning", "transformers", "peft", "accelerate", "datasets"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output")},
