@@ -28,7 +28,7 @@ from benchmarks.harness import add_run_arguments, child_commands, emit, set_thre
 from benchmarks.meter import GenerationMeter
 from benchmarks.models import minilm_seq2seq, with_lora
 from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
-from benchmarks.systems import finetune_cli, hf_trainer
+from benchmarks.systems import finetune_cli
 
 SYSTEMS = {"finetune": "finetune validate", "hf": "HF Seq2SeqTrainer.evaluate(predict_with_generate)"}
 DECODING = {"greedy": 1, "beam4": 4}
@@ -59,6 +59,8 @@ def run_hf(args: argparse.Namespace, beams: int, work: Path, meter: GenerationMe
     import numpy as np
     import sacrebleu
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, Seq2SeqTrainingArguments
+
+    from benchmarks.systems import hf_trainer  # (here: the other systems' processes do not import Trainer)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = with_lora(AutoModelForSeq2SeqLM.from_pretrained(args.model), "SEQ_2_SEQ_LM", **LORA)

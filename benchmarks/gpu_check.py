@@ -55,7 +55,7 @@ from benchmarks.harness import REPO, emit, module_command
 from benchmarks.meter import StepMeter, trainable_params
 from benchmarks.models import SMOLLM2, model_dir, task_for, with_lora
 from benchmarks.results import versions
-from benchmarks.systems import finetune_cli, hf_trainer
+from benchmarks.systems import finetune_cli
 
 ALPACA = DATA / "alpaca"
 H200_BF16_TFLOPS = 989.0  # H200 SXM dense bf16 (H100 SXM has the same tensor-core peak)
@@ -138,6 +138,7 @@ def child_bench(args: argparse.Namespace) -> None:
     import datasets
     from transformers import AutoModelForCausalLM, TrainingArguments
 
+    from benchmarks.systems import hf_trainer
     from tasks.instruction_tuning import InstructionTuning
 
     path = model_dir(args.backbone)

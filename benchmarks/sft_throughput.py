@@ -56,7 +56,7 @@ from benchmarks.harness import add_run_arguments, child_commands, emit, set_thre
 from benchmarks.meter import IGNORE, StepMeter, matmul_peak, matmul_weights, peak_rss_mb, trainable_params
 from benchmarks.models import SMOLLM2, model_dir, task_for, with_lora
 from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
-from benchmarks.systems import finetune_cli, hand_loop, hf_trainer, trl
+from benchmarks.systems import finetune_cli, hand_loop
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # target_modules: all-linear
 SYSTEMS = {
@@ -148,6 +148,8 @@ def trainer_inputs(args: argparse.Namespace, work: Path) -> tuple[Any, Any, Any,
     model, the Trainer settings)."""
     import datasets
 
+    from benchmarks.systems import hf_trainer  # (here: the other systems' processes do not import Trainer)
+
     tokenizer, examples, batches = prepared(args)
     data = datasets.Dataset.from_list([examples[i] for batch in batches for i in batch])
     total = args.warmup + args.steps
@@ -160,6 +162,8 @@ def trainer_inputs(args: argparse.Namespace, work: Path) -> tuple[Any, Any, Any,
 def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
+    from benchmarks.systems import hf_trainer
+
     tokenizer, data, model, settings = trainer_inputs(args, work)
     training_args = TrainingArguments(**settings)
     hf_trainer.train(model, data, DataCollatorForSeq2Seq(tokenizer), training_args, meter, processing_class=tokenizer)
@@ -167,6 +171,8 @@ def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter) -> di
 
 
 def run_trl(args: argparse.Namespace, work: Path, meter: StepMeter, variant: str) -> dict[str, Any]:
+    from benchmarks.systems import trl
+
     tokenizer, data, model, settings = trainer_inputs(args, work)
     meter.pad_id = tokenizer.pad_token_id  # (packed rows: their padding is found by it)
     if variant == "packed":  # packed rows of ~max_length: about as many tokens per step as the others' batches

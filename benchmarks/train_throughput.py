@@ -40,7 +40,7 @@ from benchmarks.harness import add_run_arguments, child_commands, child_env, emi
 from benchmarks.meter import StepMeter, dir_size_mb, matmul_peak, matmul_weights, trainable_params
 from benchmarks.models import MINILM, model_dir, with_lora
 from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
-from benchmarks.systems import finetune_cli, hand_loop, hf_trainer
+from benchmarks.systems import finetune_cli, hand_loop
 
 SYSTEMS = {
     "finetune": "finetune (length-grouped)",
@@ -110,6 +110,8 @@ def run_loop(args: argparse.Namespace, work: Path, meter: StepMeter, grouped: bo
 def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
     import datasets
     from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from benchmarks.systems import hf_trainer  # (here: the other systems' processes do not import Trainer)
 
     model, tokenizer = classifier()
     raw = datasets.load_dataset("json", data_files=str(Path(args.data) / "train.jsonl"), split="train")

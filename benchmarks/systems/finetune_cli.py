@@ -1,6 +1,7 @@
 """finetune as a compared system: `finetune.cli.run([...])` in this process (the code path of the `finetune`
-command, with the meters attached as callbacks named by class path, as a user names a callback), the `finetune`
-command in a child process, and `finetune serve` as a server in a child process."""
+command, with the meters attached as callbacks named by class path: `lightning_meters`), the `finetune` command in
+a child process, and `finetune serve` as a server in a child process. (Lightning is imported only by a run, so that
+the processes of the other systems do not pay for it in start-up time and memory.)"""
 
 from __future__ import annotations
 
@@ -14,56 +15,21 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from lightning.pytorch import Callback
-
 from benchmarks.harness import REPO, child_env
 from benchmarks.meter import GenerationMeter, StepMeter
-
-# The meters of this process's runs: jsonargparse builds the callbacks from their class paths, without arguments.
-ATTACHED: dict[str, Any] = {"step": None, "losses": False, "generation": None}
-
-
-class StepMeterCallback(Callback):
-    """Every training step to the attached StepMeter (and, when asked, the mean loss of the step's items: the
-    training step returns the batch's sum, as finetune divides the gradients by the step's items)."""
-
-    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        meter = ATTACHED["step"]
-        if meter.pad_id is None:
-            meter.pad_id = pl_module.tokenizer.pad_token_id
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: dict, batch_idx: int) -> None:
-        ATTACHED["step"].begin_step()
-        ATTACHED["step"].record(batch)  # (finetune calls a causal LM's decoder and output layer apart: no model hook)
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: dict, batch_idx: int) -> None:
-        loss = outputs["loss"].detach() / pl_module.task.loss_weight(batch) if ATTACHED["losses"] else None
-        ATTACHED["step"].end_step(loss)
-
-
-class GenerationMeterCallback(Callback):
-    """The attached GenerationMeter over finetune's validation or prediction loop (collation, generation, decoding,
-    metrics or writing the predictions; the inputs were tokenized at setup)."""
-
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        ATTACHED["generation"].start(pl_module.model, pl_module.tokenizer)
-
-    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        ATTACHED["generation"].stop()
-
-    on_predict_start = on_validation_start
-    on_predict_end = on_validation_end
 
 
 def run(argv: list[str], step: Optional[StepMeter] = None, losses: bool = False,
         generation: Optional[GenerationMeter] = None) -> Any:
     """`finetune ARGV` in this process, with the given meters attached; returns the CLI (its trainer, model and
     data module, as the command leaves them)."""
+    from benchmarks.systems import lightning_meters
     from finetune.cli import run as finetune
 
-    ATTACHED.update(step=step, losses=losses, generation=generation)
-    callbacks = [f"--trainer.callbacks+={__name__}.{callback.__name__}"
-                 for callback, meter in ((StepMeterCallback, step), (GenerationMeterCallback, generation)) if meter]
+    lightning_meters.ATTACHED.update(step=step, losses=losses, generation=generation)
+    callbacks = [f"--trainer.callbacks+={lightning_meters.__name__}.{callback.__name__}"
+                 for callback, meter in ((lightning_meters.StepMeterCallback, step),
+                                         (lightning_meters.GenerationMeterCallback, generation)) if meter]
     return finetune([*argv, *callbacks])
 
 
