@@ -20,74 +20,34 @@ batch to its last decoded text (prompts tokenized before); the pipeline's whole 
 Generated tokens count each sequence's tokens up to and including its first `<|im_end|>`, not the padding
 after it. Every (system, decoding) runs in a fresh process per repeat, alternately.
 
-    FINETUNE_CACHE=/tmp/finetune-cache python benchmarks/chat_generation.py --prompts 32 --batch_size 16 \\
+    FINETUNE_CACHE=/tmp/finetune-cache python -m benchmarks.chat_generation --prompts 32 --batch_size 16 \\
         --max_new_tokens 32 --repeats 3 --warmup_rounds 0 --max_wait 120   # ~9 min on 2 CPU cores
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    REPO,
-    SHARED,
-    add_run_arguments,
-    alternate,
-    cell,
-    child_commands,
-    emit,
-    interference_note,
-    machine,
-    markdown_table,
-    peak_rss_mb,
-    set_threads,
-    subset,
-    summarize,
-    versions,
-    write_results,
-)
+from benchmarks.data import DATA, read_jsonl, subset
+from benchmarks.harness import REPO, add_run_arguments, child_commands, emit, set_threads
+from benchmarks.meter import GenerationMeter
+from benchmarks.models import SMOLLM2, model_dir, with_lora
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, summarize, versions
+from benchmarks.systems import finetune_cli, generate_loop, pipeline
 
-BACKBONE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 CONFIG = REPO / "configs" / "instruction_tuning.yaml"
-LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}  # as in CONFIG
+LORA = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"}  # as in CONFIG
 PROMPT = "{instruction}\n\n{input}"  # CONFIG's prompt (trailing whitespace stripped)
 STOP = "<|im_end|>"  # ChatML's end of turn: where finetune stops a reply
 SYSTEMS = {"finetune": "finetune predict", "generate": "model.generate, same batches",
            "pipeline": 'pipeline("text-generation")'}
 DECODING = ("greedy", "sample")
-
-
-class GenerationCount:
-    """Wraps a model's `generate`: seeds the random generator before the first call and counts the sequences
-    and the tokens generated up to each one's first stop token (not the padding after it)."""
-
-    def __init__(self, model: Any, stop_ids: list[int], seed: int) -> None:
-        import torch
-
-        self.sequences = self.tokens = 0
-        original = model.generate
-
-        def generate(*args: Any, **kwargs: Any) -> Any:
-            if not self.sequences:
-                torch.manual_seed(seed)
-            output = original(*args, **kwargs)
-            new = output[:, kwargs["input_ids"].shape[1]:]  # (decoder-only: prompt + continuation)
-            stopped = torch.isin(new, torch.tensor(stop_ids))
-            lengths = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1])
-            self.sequences += len(new)
-            self.tokens += int(lengths.sum())
-            return output
-
-        model.generate = generate
 
 
 def generation_kwargs(args: argparse.Namespace, decoding: str) -> dict[str, Any]:
@@ -98,105 +58,52 @@ def generation_kwargs(args: argparse.Namespace, decoding: str) -> dict[str, Any]
             "temperature": args.temperature, "top_k": 50, "top_p": args.top_p}
 
 
-def prompts_of(path: str) -> list[str]:
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    return [PROMPT.format_map(row).rstrip() for row in rows]
-
-
 # --- the systems (each in its own process) ---------------------------------------------------------
-def run_finetune(args: argparse.Namespace, decoding: str, work: Path) -> dict[str, Any]:
-    from lightning.pytorch import Callback
-
-    from finetune.cli import run
-
-    marks: dict[str, Any] = {}
-
-    class GenerationClock(Callback):
-        def on_predict_start(self, trainer: Any, pl_module: Any) -> None:
-            stop_ids = sorted({pl_module.tokenizer.convert_tokens_to_ids(STOP), pl_module.tokenizer.eos_token_id})
-            marks["count"] = GenerationCount(pl_module.model, stop_ids, args.seed)
-            marks["start"] = time.perf_counter()
-
-        def on_predict_end(self, trainer: Any, pl_module: Any) -> None:
-            marks["end"] = time.perf_counter()
-
-    setattr(sys.modules[__name__], "GenerationClock", GenerationClock)  # named by its class_path below
+def run_finetune(args: argparse.Namespace, decoding: str, work: Path, meter: GenerationMeter) -> list[str]:
     output = work / "predictions.jsonl"
     generation = [f"--model.task.generation.{k}={v}" for k, v in generation_kwargs(args, decoding).items()]
-    run(["predict", f"--config={CONFIG}", f"--seed_everything={args.seed}", f"--model.backbone={BACKBONE}",
-         *generation, f"--data.predict_file={args.prompts_file}", f"--data.eval_batch_size={args.batch_size}",
-         f"--predictions.output_file={output}", "--trainer.accelerator=cpu", "--trainer.devices=1",
-         f"--trainer.default_root_dir={work}", f"--trainer.callbacks+={__name__}.GenerationClock"])
-    texts = [json.loads(line)["generated_text"] for line in output.read_text(encoding="utf-8").splitlines()]
-    return {"seconds": marks["end"] - marks["start"], "sequences": marks["count"].sequences,
-            "generated_tokens": marks["count"].tokens, "texts": texts}
+    finetune_cli.run(["predict", f"--config={CONFIG}", f"--seed_everything={args.seed}", f"--model.backbone={SMOLLM2}",
+                      *generation, f"--data.predict_file={args.prompts_file}",
+                      f"--data.eval_batch_size={args.batch_size}",
+                      f"--predictions.output_file={output}", "--trainer.accelerator=cpu", "--trainer.devices=1",
+                      f"--trainer.default_root_dir={work}"], generation=meter)
+    return [row["generated_text"] for row in read_jsonl(output)]
 
 
-def load_peft_model(path: str) -> tuple[Any, Any]:
-    """The backbone with a fresh LoRA adapter, as finetune builds it (PEFT model, eval mode)."""
-    from peft import LoraConfig, get_peft_model
+def peft_model(path: str) -> tuple[Any, Any]:
+    """The backbone with a fresh LoRA adapter, as finetune builds it (PEFT model, eval mode), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(task_type="CAUSAL_LM", **LORA))
-    return model.eval(), tokenizer
+    model = with_lora(AutoModelForCausalLM.from_pretrained(path), "CAUSAL_LM", **LORA)
+    return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def chat(prompt: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}]
-
-
-def tokenized_in_order(tokenizer: Any, prompts: list[str]) -> tuple[list[list[int]], list[int]]:
-    """The prompts' tokens as finetune tokenizes them (the chat template, with the generation prompt, writes
+def prompts_in_order(args: argparse.Namespace, tokenizer: Any) -> tuple[list[str], list[list[int]], list[int]]:
+    """The prompts, their tokens as finetune tokenizes them (the chat template, with the generation prompt, writes
     its own special tokens), and finetune's prediction order: longest first."""
-    rendered = [tokenizer.apply_chat_template(chat(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    prompts = [PROMPT.format_map(row).rstrip() for row in read_jsonl(args.prompts_file)]
+    rendered = [tokenizer.apply_chat_template(pipeline.chat(p), tokenize=False, add_generation_prompt=True)
+                for p in prompts]
     ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-    return ids, sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return prompts, ids, sorted(range(len(ids)), key=lambda i: -len(ids[i]))
 
 
-def run_generate(args: argparse.Namespace, decoding: str, work: Path) -> dict[str, Any]:
-    import torch
-
-    model, tokenizer = load_peft_model(args.model)
-    prompts = prompts_of(args.prompts_file)
-    ids, order = tokenized_in_order(tokenizer, prompts)
+def run_generate(args: argparse.Namespace, decoding: str, work: Path, meter: GenerationMeter) -> list[str]:
+    model, tokenizer = peft_model(args.model)
+    _, ids, order = prompts_in_order(args, tokenizer)
     batches = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-    stop_ids = sorted({tokenizer.convert_tokens_to_ids(STOP), tokenizer.eos_token_id})
-    count = GenerationCount(model, stop_ids, args.seed)
-    pad_id = tokenizer.pad_token_id
+    return generate_loop.generate(model, tokenizer, ids, batches, generation_kwargs(args, decoding), meter)
+
+
+def run_pipeline(args: argparse.Namespace, decoding: str, work: Path, meter: GenerationMeter) -> list[str]:
+    model, tokenizer = peft_model(args.model)
+    prompts, _, order = prompts_in_order(args, tokenizer)  # finetune's batches, in finetune's order
+    replies = pipeline.generate_chats(model, tokenizer, [prompts[i] for i in order], args.batch_size,
+                                      generation_kwargs(args, decoding), meter)
     texts = [""] * len(prompts)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in batches:
-            longest = max(len(ids[i]) for i in batch)
-            input_ids = torch.tensor([[pad_id] * (longest - len(ids[i])) + ids[i] for i in batch])
-            attention_mask = torch.tensor([[0] * (longest - len(ids[i])) + [1] * len(ids[i]) for i in batch])
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    **generation_kwargs(args, decoding), eos_token_id=stop_ids, pad_token_id=pad_id)
-            for i, text in zip(batch, tokenizer.batch_decode(output[:, longest:], skip_special_tokens=True)):
-                texts[i] = text.strip()
-    return {"seconds": time.perf_counter() - start, "sequences": count.sequences, "generated_tokens": count.tokens,
-            "texts": texts}
-
-
-def run_pipeline(args: argparse.Namespace, decoding: str, work: Path) -> dict[str, Any]:
-    from transformers import pipeline
-
-    model, tokenizer = load_peft_model(args.model)
-    prompts = prompts_of(args.prompts_file)
-    _, order = tokenized_in_order(tokenizer, prompts)  # finetune's batches, in finetune's order
-    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
-    stop_ids = sorted({tokenizer.convert_tokens_to_ids(STOP), tokenizer.eos_token_id})
-    count = GenerationCount(model, stop_ids, args.seed)
-    start = time.perf_counter()
-    outputs = generator([chat(prompts[i]) for i in order], batch_size=args.batch_size, return_full_text=False,
-                        **generation_kwargs(args, decoding), eos_token_id=stop_ids,
-                        pad_token_id=tokenizer.pad_token_id)
-    seconds = time.perf_counter() - start
-    texts = [""] * len(prompts)
-    for i, output in zip(order, outputs):
-        texts[i] = output[0]["generated_text"].strip()  # (finetune strips its replies too)
-    return {"seconds": seconds, "sequences": count.sequences, "generated_tokens": count.tokens, "texts": texts}
+    for i, text in zip(order, replies):
+        texts[i] = text
+    return texts
 
 
 def child(args: argparse.Namespace) -> None:
@@ -204,20 +111,18 @@ def child(args: argparse.Namespace) -> None:
     system, decoding = args.child.split(":")
     work = Path(tempfile.mkdtemp(prefix=f"bench-chat-{system}-"))
     runner = {"finetune": run_finetune, "generate": run_generate, "pipeline": run_pipeline}[system]
+    meter = GenerationMeter(stop_tokens=(STOP,), seed=args.seed)
     try:
-        result = runner(args, decoding, work)
+        texts = runner(args, decoding, work, meter)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result.update(sequences_per_s=result["sequences"] / result["seconds"],
-                  tokens_per_s=result["generated_tokens"] / result["seconds"],
-                  tokens_per_sequence=result["generated_tokens"] / result["sequences"], peak_rss_mb=peak_rss_mb())
-    emit(result)
+    emit({**meter.result(), "texts": texts})
 
 
 # --- the driver --------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "data" / "alpaca"), help="folder with validation.jsonl")
+    parser.add_argument("--data", default=str(DATA / "alpaca"), help="folder with validation.jsonl")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--max_new_tokens", type=int, default=32)
@@ -233,39 +138,25 @@ def main() -> None:
         child(args)
         return
 
-    os.environ["HF_HUB_OFFLINE"] = "1"  # (as in the children: finetune's offline fallback, resolved here once)
-    from finetune.backbone import resolve
-
     work = Path(tempfile.mkdtemp(prefix="bench-chat-"))
     started = time.time()
-    info = machine(args.threads)
     set_threads(args.threads)
-    model_dir = resolve(BACKBONE)  # what finetune loads for BACKBONE: the other systems load the same
+    model = model_dir(SMOLLM2)  # what finetune loads for SMOLLM2: the other systems load the same
     prompts_file = subset(Path(args.data) / "validation.jsonl", work / "prompts.jsonl", args.prompts)
-    common = [f"--model={model_dir}", f"--prompts_file={prompts_file}", f"--batch_size={args.batch_size}",
-              f"--max_new_tokens={args.max_new_tokens}", f"--temperature={args.temperature}",
-              f"--top_p={args.top_p}", f"--seed={args.seed}", f"--threads={args.threads}"]
-    script = str(Path(__file__).resolve())
-    systems = child_commands(script, [f"{system}:{decoding}" for decoding in args.decoding.split(",")
-                                      for system in SYSTEMS], common)
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
+    options = [f"--model={model}", f"--prompts_file={prompts_file}", f"--batch_size={args.batch_size}",
+               f"--max_new_tokens={args.max_new_tokens}", f"--temperature={args.temperature}",
+               f"--top_p={args.top_p}", f"--seed={args.seed}", f"--threads={args.threads}"]
+    systems = child_commands(__spec__.name, [f"{system}:{decoding}" for decoding in args.decoding.split(",")
+                                             for system in SYSTEMS], options)
+    runs, _, info = compare(systems, args, work)
     texts = compare_texts(runs, args.decoding.split(","))
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
-    payload = {
-        "command": "FINETUNE_CACHE=" + os.environ.get("FINETUNE_CACHE", "") + " python "
-                   + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]),
-        "machine": info, "model_dir": model_dir,
+    summary = summarize(runs)  # (with each run's count of texts identical to finetune's)
+    publish(args.output, {
+        "finetune_cache": os.environ.get("FINETUNE_CACHE", ""), "machine": info, "model_dir": model,
         "versions": versions("torch", "lightning", "transformers", "peft", "datasets"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "model", "prompts_file", "output")},
         "wall_s": time.time() - started, "summary": summary, "texts": texts, "runs": runs,
-    }
-    payload["table"] = report(summary, args) + "\n" + interference_note(summary, runs)
-    path = write_results(args.output, payload)
-    print(payload["table"])
-    print(f"\nwritten: {path}")
+    }, report(summary, args) + "\n" + interference_note(summary, runs))
 
 
 def compare_texts(runs: dict[str, list[dict[str, Any]]], decodings: list[str]) -> dict[str, Any]:

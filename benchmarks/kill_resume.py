@@ -5,15 +5,15 @@ every 10 steps; one run uninterrupted, one killed with SIGKILL after a random de
 from its last checkpoint. Prints both runs' final validation metrics and the largest difference
 between their final adapter weights.
 
-    python benchmarks/kill_resume.py [--seed 0]
+    python -m benchmarks.kill_resume [--seed 0]
 """
 
+from __future__ import annotations
+
 import argparse
-import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,18 +21,20 @@ from typing import Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def fit(root: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "finetune", "fit", "--config", str(REPO / "configs/classification.yaml"),
-            "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={root}",
-            f"--trainer.callbacks.dirpath={root}/best", "--trainer.callbacks+=ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={root}/steps", "--trainer.callbacks.every_n_train_steps=10",
-            "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *extra]
+    # (imported here: tests load this file by path to check `saved_step`, where the package may not be importable)
+    from benchmarks.harness import REPO, child_env
+    from benchmarks.systems.finetune_cli import command
+
+    args = command("fit", "--config", str(REPO / "configs/classification.yaml"),
+                   "--trainer.max_epochs=3", "--trainer.enable_progress_bar=false",
+                   f"--trainer.default_root_dir={root}",
+                   f"--trainer.callbacks.dirpath={root}/best", "--trainer.callbacks+=ModelCheckpoint",
+                   f"--trainer.callbacks.dirpath={root}/steps", "--trainer.callbacks.every_n_train_steps=10",
+                   "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *extra)
     return subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env=child_env())
 
 
 def final(root: Path) -> tuple[dict, list[str]]:

@@ -13,7 +13,7 @@ held just before it, with glibc returning every freed block of 64 kB or more to 
 reuse); the time is the second step's. The two must agree: the loss to 1e-5 and every LoRA gradient (largest
 difference relative to the largest gradient).
 
-    python benchmarks/loss_memory.py --lengths 256,512,1024,2048 --batch_size 2
+    python -m benchmarks.loss_memory --lengths 256,512,1024,2048 --batch_size 2
 """
 
 from __future__ import annotations
@@ -21,57 +21,21 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    add_run_arguments,
-    alternate,
-    emit,
-    machine,
-    markdown_table,
-    peak_rss_mb,
-    set_threads,
-    versions,
-    write_results,
-)
+from benchmarks.harness import add_run_arguments, emit, module_command, set_threads
+from benchmarks.meter import PeakSampler, peak_rss_mb, rss_mb
+from benchmarks.models import SMOLLM2, model_dir, with_lora
+from benchmarks.results import compare, markdown_table, publish, versions
 
 METHODS = {"full": "full logits (transformers' loss)", "chunked": "finetune (target tokens, chunked)"}
-PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def rss_mb() -> float:
-    return int(Path("/proc/self/statm").read_text().split()[1]) * PAGE_MB
-
-
-class PeakSampler:
-    """The highest resident memory seen every millisecond while it runs."""
-
-    def __enter__(self) -> "PeakSampler":
-        self.peak, self.running = rss_mb(), True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def sample(self) -> None:
-        while self.running:
-            self.peak = max(self.peak, rss_mb())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.running = False
-        self.thread.join()
-        self.peak = max(self.peak, rss_mb())
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}
 
 
 def child(args: argparse.Namespace) -> None:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from finetune.target_tokens import target_tokens
@@ -79,7 +43,7 @@ def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
     torch.manual_seed(args.seed)  # (the same LoRA initialisation in both methods' processes)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    model = with_lora(model, None, **LORA)
     model.train()
     generator = torch.Generator().manual_seed(args.seed)
     ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.length), generator=generator)
@@ -123,25 +87,19 @@ def main() -> None:
 
     import torch
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from finetune.gguf import packaged_smollm2
-
-    model_dir = packaged_smollm2()
+    backbone = model_dir(SMOLLM2)  # what finetune trains
     work = Path(tempfile.mkdtemp(prefix="bench-loss-memory-"))
-    script = str(Path(__file__).resolve())
     lengths = [int(n) for n in args.lengths.split(",")]
 
     def command(method: str, length: int) -> list[str]:
-        return [sys.executable, script, f"--child={method}", f"--length={length}", f"--model_dir={model_dir}",
-                f"--grads={work / f'{method}-{length}.pt'}", f"--batch_size={args.batch_size}",
-                f"--seed={args.seed}", f"--threads={args.threads}"]
+        return module_command(__spec__.name, f"--child={method}", f"--length={length}", f"--model_dir={backbone}",
+                              f"--grads={work / f'{method}-{length}.pt'}", f"--batch_size={args.batch_size}",
+                              f"--seed={args.seed}", f"--threads={args.threads}")
 
     systems = {f"{method}@{length}": (lambda m=method, n=length: command(m, n))
                for length in lengths for method in METHODS}
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # (the children's environment is a copy of this one)
-    runs = alternate(systems, args.repeats, 0, args.threads, log, args.quiet, args.max_wait)
+    runs, _, info = compare(systems, args, work)
 
     rows, figures = [], {}
     for length in lengths:
@@ -158,15 +116,11 @@ def main() -> None:
                      f"{loss_diff:.1e}", f"{grad_diff:.1e}"])
     header = ["length", "tokens", "full: step peak (MB)", "finetune: step peak (MB)", "ratio", "full: step (s)",
               "finetune: step (s)", "loss", "Δ loss", "max Δ grad / max grad"]
-    table = markdown_table(header, rows)
-    payload = {"command": "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]),
-               "machine": machine(args.threads), "versions": versions("torch", "transformers", "peft"),
-               "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": model_dir,
-                            "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
-               "figures": figures, "runs": runs, "table": table}
-    path = write_results(args.output, payload)
-    print(table)
-    print(f"\nwritten: {path}")
+    publish(args.output, {
+        "machine": info, "versions": versions("torch", "transformers", "peft"),
+        "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": backbone,
+                     "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
+        "figures": figures, "runs": runs}, markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -4,14 +4,13 @@ The shared SQuAD sample is split by article, so no context is seen in both parts
 (default Southern_California, 324 questions) is evaluated, the other four (1,083) train. Prints
 EM/F1 of the untrained head (`finetune validate`) and after `finetune fit`, and the wall time.
 
-    python benchmarks/qa_minilm.py [path/to/dev_sample_v2.jsonl] [--epochs 4] [--max_length 256]
+    python -m benchmarks.qa_minilm [path/to/dev_sample_v2.jsonl] [--epochs 4] [--max_length 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import time
@@ -20,10 +19,13 @@ from pathlib import Path
 import datasets
 import torch
 
-from finetune.cli import run
+from benchmarks.data import DATA, read_jsonl, write_jsonl
+from benchmarks.models import MINILM
+from benchmarks.results import write_results
+from benchmarks.systems import finetune_cli
 from tasks.question_answering import SquadMetric
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev_sample_v2.jsonl"
+DEFAULT = DATA / "squad" / "dev_sample_v2.jsonl"
 KEYS = ["exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"]
 
 
@@ -44,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", default=str(DEFAULT))
     parser.add_argument("--eval_title", default="Southern_California")
-    parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--backbone", default=MINILM)
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--doc_stride", type=int, default=96)
     parser.add_argument("--epochs", type=int, default=4)
@@ -55,13 +57,13 @@ def main() -> None:
     args = parser.parse_args()
     sys.argv = sys.argv[:1]  # the CLI gets its arguments from `run`, not from this script's command line
 
-    rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines()]
+    rows = read_jsonl(args.data)
     out = Path(args.out or tempfile.mkdtemp(prefix="qa_minilm_"))
     out.mkdir(parents=True, exist_ok=True)
     train = [r for r in rows if r["title"] != args.eval_title]
     val = [r for r in rows if r["title"] == args.eval_title]
     for name, part in (("train", train), ("val", val)):
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+        write_jsonl(out / f"{name}.jsonl", part)
     unanswerable = sum(not r["answers"]["text"] for r in val)
     print(f"train: {len(train)} questions ({len({r['title'] for r in train})} articles); "
           f"eval: {len(val)} questions ({args.eval_title}, {unanswerable} unanswerable)")
@@ -75,14 +77,15 @@ def main() -> None:
         f"--trainer.default_root_dir={out}",
     ]
     start = time.perf_counter()
-    before = run(["validate", *common]).trainer.callback_metrics
+    before = finetune_cli.metrics(finetune_cli.run(["validate", *common]))
     validate_s = time.perf_counter() - start
     start = time.perf_counter()
-    fit = run(["fit", *common, f"--data.train_file={out / 'train.jsonl'}", f"--trainer.max_epochs={args.epochs}",
-               f"--model.optimizer.lr={args.lr}", "--model.lora.target_modules=all-linear",
-               f"--model.lora.r={args.lora_r}", f"--model.lora.alpha={2 * args.lora_r}"])
+    fit = finetune_cli.run(["fit", *common, f"--data.train_file={out / 'train.jsonl'}",
+                            f"--trainer.max_epochs={args.epochs}", f"--model.optimizer.lr={args.lr}",
+                            "--model.lora.target_modules=all-linear", f"--model.lora.r={args.lora_r}",
+                            f"--model.lora.alpha={2 * args.lora_r}"])
     fit_s = time.perf_counter() - start
-    after = fit.trainer.callback_metrics
+    after = finetune_cli.metrics(fit)
     forced = forced_answers(fit, out / "val.jsonl")
     windows = {split: len(fit.datamodule.features[split]) for split in ("train", "val")}
 
@@ -91,10 +94,14 @@ def main() -> None:
           f"eval {windows['val']}")
     print(f"{'':>8}  " + "  ".join(f"{k:>12}" for k in KEYS))
     for name, metrics in (("before", before), ("after", after)):
-        print(f"{name:>8}  " + "  ".join(f"{float(metrics[f'val/{k}']):12.2f}" for k in KEYS))
+        print(f"{name:>8}  " + "  ".join(f"{metrics[f'val/{k}']:12.2f}" for k in KEYS))
     print(f"answerable questions when the model must answer (no-answer never chosen): "
           f"EM {forced['HasAns_exact']:.2f}, F1 {forced['HasAns_f1']:.2f}")
     print(f"wall time: validate (untrained head) {validate_s:.0f} s, fit incl. per-epoch validation {fit_s:.0f} s")
+    write_results("qa_minilm", {
+        "settings": vars(args), "windows": windows, "before": {k: before[f"val/{k}"] for k in KEYS},
+        "after": {k: after[f"val/{k}"] for k in KEYS}, "forced_answers": forced, "validate_seconds": validate_s,
+        "fit_seconds": fit_s})
 
 
 if __name__ == "__main__":

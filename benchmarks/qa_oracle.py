@@ -4,7 +4,7 @@ Logits are built from the gold answers (high at the gold start/end tokens in the
 the answer, at CLS elsewhere and for unanswerable questions) and go through the task's own
 preprocess -> collate -> metric. Anything below EM = F1 = 100 is lost in windowing or decoding.
 
-    python benchmarks/qa_oracle.py [path/to/squad.jsonl] [--max_length 128] [--doc_stride 48]
+    python -m benchmarks.qa_oracle [path/to/squad.jsonl] [--max_length 128] [--doc_stride 48]
 """
 
 from __future__ import annotations
@@ -12,16 +12,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import datasets
 import torch
 from transformers import AutoTokenizer
 
-from finetune.backbone import resolve
+from benchmarks.data import DATA
+from benchmarks.models import MINILM, model_dir
+from benchmarks.results import write_results
+from finetune.pipeline import collate, make_features
 from tasks.question_answering import QuestionAnswering
 
-DEFAULT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "squad" / "dev_sample_v2.jsonl"
+DEFAULT = DATA / "squad" / "dev_sample_v2.jsonl"
 
 
 def gold_window_span(offsets: list[list[int]], context: str, answers: dict) -> tuple[int, int] | None:
@@ -39,25 +41,17 @@ def gold_window_span(offsets: list[list[int]], context: str, answers: dict) -> t
     return inside[0], inside[-1]
 
 
-def _windows(examples: dict[str, list], indices: list[int], task: QuestionAnswering, tokenizer) -> dict[str, list]:
-    """The task's windows of a batch of examples, each with its example's index (as the core maps them)."""
-    features = task.preprocess(examples, tokenizer, with_targets=True)
-    features["index"] = [indices[i] for i in features.pop("overflow_to_sample_mapping")]
-    return features
-
-
 def oracle(task: QuestionAnswering, raw: datasets.Dataset, tokenizer, batch_size: int = 64) -> dict:
     """Oracle logits through the task; returns its metrics, windows per example and label agreement."""
     task.check_rows("val", raw, "oracle")
-    features = raw.map(_windows, batched=True, with_indices=True, remove_columns=raw.column_names,
-                       fn_kwargs={"task": task, "tokenizer": tokenizer})
+    features = raw.map(make_features, batched=True, with_indices=True, remove_columns=raw.column_names,
+                       fn_kwargs={"task": task, "tokenizer": tokenizer, "with_targets": True})
     rows = list(features)
     metric = task.metrics("val", task.split_context("val", raw))
     agree = cut = 0
     for i in range(0, len(rows), batch_size):
         feats = rows[i : i + batch_size]
-        batch = task.collate([{k: v for k, v in f.items() if k != "index"} for f in feats], tokenizer, True)
-        batch["index"] = torch.tensor([f["index"] for f in feats])  # the core's part of a batch
+        batch = collate(feats, task, tokenizer, with_targets=True)
         start = torch.zeros(batch["input_ids"].shape)
         end = torch.zeros(batch["input_ids"].shape)
         for j, f in enumerate(feats):
@@ -87,10 +81,10 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=128)
     parser.add_argument("--doc_stride", type=int, default=48)
     parser.add_argument("--max_answer_length", type=int, default=30)
-    parser.add_argument("--backbone", default="sentence-transformers/all-MiniLM-L6-v2")
+    parser.add_argument("--backbone", default=MINILM)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(resolve(args.backbone))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(args.backbone))
     raw = datasets.load_dataset("json", data_files=args.data, split="train")
     task = QuestionAnswering(max_length=args.max_length, doc_stride=args.doc_stride,
                              max_answer_length=args.max_answer_length, version_2_with_negative=True)
@@ -103,6 +97,7 @@ def main() -> None:
           f"{result['cut']} windows hold only part of their answer (labelled CLS)")
     print("oracle: " + "  ".join(f"{k}={v:.2f}" for k, v in result["metrics"].items()))
     print(f"({time.perf_counter() - t0:.1f} s)")
+    write_results("qa_oracle", {"settings": vars(args), **result})
 
 
 if __name__ == "__main__":

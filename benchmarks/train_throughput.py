@@ -7,8 +7,8 @@ Every system runs in a fresh process per repeat, alternately (finetune, loop, ..
 
 - finetune: `finetune.cli.run(["fit", ...])`, the code path of the `finetune` command (length-grouped
   batches, its defaults: CSV logger, progress bar, a checkpoint at the end).
-- loop (grouped): the floor, no framework: the same batches as finetune (its length-grouping rule,
-  same seed), forward, backward, `AdamW.step`, a linear schedule.
+- loop (grouped): the floor, no framework: the same batches as finetune (its length-grouped sampler,
+  same seed), forward, backward, `AdamW.step`, the same linear schedule.
 - loop (random): what a minimal loop does: shuffled batches, padded to their longest item.
 - HF Trainer: `Trainer` + PEFT with `train_sampling_strategy="group_by_length"`.
 
@@ -19,47 +19,28 @@ FLOP/s of the training step, 4 N per computed (padded) token (forward 2N + backw
 weights 2N, N = the encoder's linear weights; attention scores and LoRA matrices not counted), as a
 fraction of this machine's dense fp32 matmul peak measured in the same run. Also `finetune --help`.
 
-    python benchmarks/train_throughput.py --data ../shared/data/sentiment --repeats 3
+    python -m benchmarks.train_throughput --data ../shared/data/sentiment --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    SHARED,
-    StepClock,
-    add_run_arguments,
-    alternate,
-    cell,
-    child_commands,
-    child_env,
-    dir_size_mb,
-    emit,
-    interference_note,
-    machine,
-    markdown_table,
-    matmul_peak,
-    minilm_path,
-    peak_rss_mb,
-    per_token_matmul_params,
-    set_threads,
-    summarize,
-    versions,
-    write_results,
-)
+from benchmarks.data import DATA, columns, read_jsonl
+from benchmarks.harness import add_run_arguments, child_commands, child_env, emit, set_threads
+from benchmarks.meter import StepMeter, dir_size_mb, matmul_peak, matmul_weights, trainable_params
+from benchmarks.models import MINILM, model_dir, with_lora
+from benchmarks.results import cell, compare, interference_note, markdown_table, publish, ratio, versions
+from benchmarks.systems import finetune_cli, hand_loop
 
 SYSTEMS = {
     "finetune": "finetune (length-grouped)",
@@ -68,159 +49,79 @@ SYSTEMS = {
     "hf_trainer": "HF Trainer (group_by_length)",
 }
 LABELS = ["negative", "positive"]  # sorted: the ids finetune learns from the data
-CLOCK = StepClock()
+LORA = {"r": 8, "alpha": 16, "dropout": 0.1}  # finetune's LoRA for BERT: PEFT's default targets (query, value)
 
 
 # --- the systems (each in its own process) ---------------------------------------------------------
-def read_rows(data: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (Path(data) / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+def figures(meter: StepMeter, model: Any, checkpoint_mb: float) -> dict[str, Any]:
+    return {**meter.result(matmul_weights(model)[0]), "checkpoint_mb": checkpoint_mb,
+            "trainable_params": trainable_params(model)}
 
 
-def lora_config(task_type: Any) -> Any:
-    """finetune's LoRA for BERT: PEFT's default targets (query, value), the new head trained in full."""
-    from peft import LoraConfig
-
-    return LoraConfig(task_type=task_type, r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"])
-
-
-def run_finetune(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    from lightning.pytorch import Callback
-
-    from finetune.cli import run
-
-    class FinetuneClock(Callback):
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            CLOCK.attach(pl_module.model)
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            CLOCK.step()
-
-    setattr(sys.modules[__name__], "FinetuneClock", FinetuneClock)  # named by its class_path below
-    cli = run([
-        "fit", f"--seed_everything={args.seed}",
-        "--model.backbone=sentence-transformers/all-MiniLM-L6-v2", "--model.task=TextClassification",
-        f"--model.task.max_length={args.max_length}", "--model.lora.r=8", "--model.lora.alpha=16",
-        "--model.lora.dropout=0.1", "--model.optimizer=torch.optim.AdamW", f"--model.optimizer.lr={args.lr}",
+def run_finetune(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
+    cli = finetune_cli.run([
+        "fit", f"--seed_everything={args.seed}", f"--model.backbone={MINILM}", "--model.task=TextClassification",
+        f"--model.task.max_length={args.max_length}", f"--model.lora.r={LORA['r']}",
+        f"--model.lora.alpha={LORA['alpha']}", f"--model.lora.dropout={LORA['dropout']}",
+        "--model.optimizer=torch.optim.AdamW", f"--model.optimizer.lr={args.lr}",
         "--model.optimizer.weight_decay=0.01", f"--data.train_file={Path(args.data) / 'train.jsonl'}",
         f"--data.batch_size={args.batch_size}", "--data.group_by_length=true", "--data.num_workers=0",
         f"--data.seed={args.seed}", f"--trainer.max_steps={args.warmup + args.steps}", "--trainer.precision=32",
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.log_every_n_steps=10",
         "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={work}", f"--trainer.default_root_dir={work}",
-        f"--trainer.callbacks+={__name__}.FinetuneClock",
-    ])
-    checkpoints = [Path(p) for p in Path(work).rglob("*.ckpt")]
-    assert len(checkpoints) == 1, checkpoints
-    model = cli.model.model
-    return {"checkpoint_mb": checkpoints[0].stat().st_size / 2**20, "matmul_params": per_token_matmul_params(model),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    ], step=meter)
+    (checkpoint,) = Path(work).rglob("*.ckpt")
+    return figures(meter, cli.model.model, dir_size_mb(checkpoint))
 
 
-def grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
-    """finetune's length grouping (finetune.data.LengthGroupedBatchSampler, epoch 0), restated: a seeded
-    shuffle cut into chunks of 50 batches, each sorted by length and cut into batches, batches shuffled."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches = []
-    for start in range(0, len(order), 50 * batch_size):
-        part = sorted(order[start : start + 50 * batch_size], key=lambda i: -lengths[i])
-        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
-    rng.shuffle(batches)
-    return batches
+def classifier(task_type: str = "SEQ_CLS") -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = model_dir(MINILM)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS))
+    return with_lora(model, task_type, **LORA, target_modules=["query", "value"]), AutoTokenizer.from_pretrained(path)
 
 
-def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+def tokenize(tokenizer: Any, max_length: int, batch: dict[str, list]) -> dict[str, list]:
+    features = dict(tokenizer(batch["text"], truncation=True, max_length=max_length))
+    features["labels"] = [LABELS.index(label) for label in batch["label"]]
+    return features
 
 
-def run_loop(args: argparse.Namespace, work: Path, grouped: bool) -> dict[str, Any]:
+def run_loop(args: argparse.Namespace, work: Path, meter: StepMeter, grouped: bool) -> dict[str, Any]:
     import torch
-    from peft import get_peft_model
     from torch.utils.data import DataLoader
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding
+
+    from finetune.sampling import LengthGroupedBatchSampler
 
     torch.manual_seed(args.seed)
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    rows = read_rows(args.data)
-    encoded = tokenizer([r["text"] for r in rows], truncation=True, max_length=args.max_length)
-    features = [{**{k: encoded[k][i] for k in encoded}, "labels": LABELS.index(r["label"])} for i, r in enumerate(rows)]
+    model, tokenizer = classifier()
+    encoding = tokenize(tokenizer, args.max_length, columns(read_jsonl(Path(args.data) / "train.jsonl")))
+    features = [dict(zip(encoding, values)) for values in zip(*encoding.values())]
     lengths = [len(f["input_ids"]) for f in features]
-    batches = (grouped_batches(lengths, args.batch_size, args.seed) if grouped
-               else random_batches(len(features), args.batch_size, args.seed))
+    batches = LengthGroupedBatchSampler(lengths, args.batch_size, args.seed, shuffle=True, group=grouped)
     loader = DataLoader(features, batch_sampler=batches, collate_fn=DataCollatorWithPadding(tokenizer))
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS))
-    model = get_peft_model(model, lora_config("SEQ_CLS"))
-    model.train()
-    CLOCK.attach(model)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
-    total = args.warmup + args.steps
-    warm = max(1, int(0.1 * total))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / (total - warm)))
-    for step, batch in enumerate(loader, start=1):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        CLOCK.step()
-        if step % 10 == 0:
-            print(f"step {step} loss {loss.item():.4f}", file=sys.stderr)
-        if step == total:
-            break
+    hand_loop.train(model, loader, args.warmup + args.steps, args.lr, 0.01, meter)
     model.save_pretrained(work / "adapter")  # safetensors
-    return {"checkpoint_mb": dir_size_mb(work / "adapter"), "matmul_params": per_token_matmul_params(model),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    return figures(meter, model, dir_size_mb(work / "adapter"))
 
 
-def run_hf_trainer(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
     import datasets
-    from peft import get_peft_model
-    from transformers import (
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        DataCollatorWithPadding,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import DataCollatorWithPadding, TrainingArguments
 
-    class HFClock(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            CLOCK.attach(model)
+    from benchmarks.systems import hf_trainer  # (here: the other systems' processes do not import Trainer)
 
-        def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-            CLOCK.step()
-
-    path = minilm_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model, tokenizer = classifier()
     raw = datasets.load_dataset("json", data_files=str(Path(args.data) / "train.jsonl"), split="train")
-
-    def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        features = tokenizer(batch["text"], truncation=True, max_length=args.max_length)
-        features["labels"] = [LABELS.index(label) for label in batch["label"]]
-        return features
-
-    train = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(LABELS))
-    model = get_peft_model(model, lora_config("SEQ_CLS"))
+    data = raw.map(partial(tokenize, tokenizer, args.max_length), batched=True, remove_columns=raw.column_names)
     total = args.warmup + args.steps
-    training_args = TrainingArguments(
-        output_dir=str(work), per_device_train_batch_size=args.batch_size, max_steps=total, learning_rate=args.lr,
-        weight_decay=0.01, lr_scheduler_type="linear", warmup_steps=0.1, logging_steps=10,
-        save_strategy="steps", save_steps=total, report_to="none", train_sampling_strategy="group_by_length",
-        dataloader_num_workers=0, seed=args.seed, use_cpu=True,
-    )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, processing_class=tokenizer,
-                      data_collator=DataCollatorWithPadding(tokenizer), callbacks=[HFClock()])
-    trainer.train()
-    checkpoint = work / f"checkpoint-{total}"
-    return {"checkpoint_mb": dir_size_mb(checkpoint), "matmul_params": per_token_matmul_params(model),
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "optimizer": training_args.optim.value}
+    training_args = TrainingArguments(**hf_trainer.settings(
+        work, args.batch_size, total, args.lr, 0.01, args.seed, save_strategy="steps", save_steps=total,
+        train_sampling_strategy="group_by_length"))
+    hf_trainer.train(model, data, DataCollatorWithPadding(tokenizer), training_args, meter, processing_class=tokenizer)
+    return {**figures(meter, model, dir_size_mb(work / f"checkpoint-{total}")), "optimizer": training_args.optim.value}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -229,14 +130,14 @@ def child(args: argparse.Namespace) -> None:
         emit(matmul_peak(args.threads))
         return
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
+    meter = StepMeter(args.warmup, args.steps)
     try:
         if args.child == "finetune":
-            extra = run_finetune(args, work)
+            emit(run_finetune(args, work, meter))
         elif args.child in ("loop_grouped", "loop_random"):
-            extra = run_loop(args, work, grouped=args.child == "loop_grouped")
+            emit(run_loop(args, work, meter, grouped=args.child == "loop_grouped"))
         else:
-            extra = run_hf_trainer(args, work)
-        emit({**CLOCK.result(args.warmup, extra.pop("matmul_params")), **extra, "peak_rss_mb": peak_rss_mb()})
+            emit(run_hf_trainer(args, work, meter))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -245,7 +146,7 @@ def child(args: argparse.Namespace) -> None:
 def help_wall_time(threads: int, repeats: int = 5) -> dict[str, Any]:
     """`finetune --help`, as typed (the console script next to this Python)."""
     script = Path(sys.executable).with_name("finetune")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "finetune"]
+    command = [str(script)] if script.exists() else finetune_cli.command()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -256,7 +157,7 @@ def help_wall_time(threads: int, repeats: int = 5) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(SHARED / "data" / "sentiment"), help="folder with train.jsonl")
+    parser.add_argument("--data", default=str(DATA / "sentiment"), help="folder with train.jsonl")
     parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="optimizer steps before the timed ones")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -270,30 +171,18 @@ def main() -> None:
         child(args)
         return
 
-    script = str(Path(__file__).resolve())
-    common = [f"--data={args.data}", f"--steps={args.steps}", f"--warmup={args.warmup}",
-              f"--batch_size={args.batch_size}", f"--max_length={args.max_length}", f"--lr={args.lr}",
-              f"--seed={args.seed}", f"--threads={args.threads}"]
-    names = args.systems.split(",")
-    systems = child_commands(script, names, common)
-    log = Path(tempfile.mkdtemp(prefix="bench-train-")) / "children.log"
-    print(f"children's output: {log}", file=sys.stderr)
+    options = [f"--data={args.data}", f"--steps={args.steps}", f"--warmup={args.warmup}",
+               f"--batch_size={args.batch_size}", f"--max_length={args.max_length}", f"--lr={args.lr}",
+               f"--seed={args.seed}", f"--threads={args.threads}"]
+    systems = child_commands(__spec__.name, args.systems.split(","), options)
     started = time.time()
-    info = machine(args.threads)
     help_time = help_wall_time(args.threads)
-    runs = alternate(systems, args.repeats, args.warmup_rounds, args.threads, log, args.quiet, args.max_wait)
-    summary = summarize(runs)
-    info["load_average_at_end"] = os.getloadavg()
-    payload = {
-        "command": "python " + " ".join([str(Path(sys.argv[0])), *sys.argv[1:]]), "machine": info,
-        "versions": versions("torch", "lightning", "transformers", "peft", "accelerate", "datasets"),
+    runs, summary, info = compare(systems, args, Path(tempfile.mkdtemp(prefix="bench-train-")))
+    publish(args.output, {
+        "machine": info, "versions": versions("torch", "lightning", "transformers", "peft", "accelerate", "datasets"),
         "settings": {k: v for k, v in vars(args).items() if k not in ("child", "output")},
         "wall_s": time.time() - started, "finetune_help": help_time, "summary": summary, "runs": runs,
-    }
-    payload["table"] = report(summary, help_time, args) + "\n" + interference_note(summary, runs)
-    path = write_results(args.output, payload)
-    print(payload["table"])
-    print(f"\nwritten: {path}")
+    }, report(summary, help_time, args) + "\n" + interference_note(summary, runs))
 
 
 def report(summary: dict[str, Any], help_time: dict[str, Any], args: argparse.Namespace) -> str:
@@ -316,13 +205,11 @@ def report(summary: dict[str, Any], help_time: dict[str, Any], args: argparse.Na
         lines.append(f"Dense fp32 matmul peak (2048², {args.threads} threads, median of rounds): {peak:.1f} GFLOP/s. "
                      f"`finetune --help`: {help_time['median_s']:.2f} s (median of {help_time['repeats']}).")
     if "finetune" in summary:
-        ft = summary["finetune"]
         for other in ("loop_grouped", "loop_random", "hf_trainer"):
             if other in summary:
-                ratio = ft["samples_per_s"]["median"] / summary[other]["samples_per_s"]["median"]
-                tokens = ft["real_tokens_per_s"]["median"] / summary[other]["real_tokens_per_s"]["median"]
-                memory = ft["peak_rss_mb"]["median"] / summary[other]["peak_rss_mb"]["median"]
-                lines.append(f"finetune / {SYSTEMS[other]}: samples/s ×{ratio:.3f}, real tokens/s ×{tokens:.3f}, "
+                samples, tokens, memory = (ratio(summary, "finetune", other, key)
+                                           for key in ("samples_per_s", "real_tokens_per_s", "peak_rss_mb"))
+                lines.append(f"finetune / {SYSTEMS[other]}: samples/s ×{samples:.3f}, real tokens/s ×{tokens:.3f}, "
                              f"peak RSS ×{memory:.2f}")
     return "\n".join(lines)
 

@@ -3,52 +3,35 @@ time, and validation generation throughput (greedy vs. beam search 4).
 
 The backbone is MiniLM warm-started as an encoder-decoder (benchmarks/make_minilm_seq2seq.py):
 LoRA on the pretrained attention, the new cross-attention trained in full. Everything runs through
-`finetune.cli.run`, the code path of the `finetune` command.
+`finetune.cli.run`, the code path of the `finetune` command; the throughput is `finetune validate` of the
+trained checkpoint, timed by the generation meter (validation loss, generation, decoding and metrics).
 
-    python benchmarks/translation_multi30k.py --data ../shared/data/multi30k --train_size 4000 --epochs 2
+    python -m benchmarks.translation_multi30k --data ../shared/data/multi30k --train_size 4000 --epochs 2
 """
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import torch
-from common import subset
-
-from finetune.cli import run
-from finetune.data import DataModule
-from finetune.module import FineTuneModule
-
-
-def throughput(ckpt: str, val_file: str, beams: int) -> float:
-    module = FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
-    module.task.generation.num_beams = beams
-    data = DataModule(val_file=val_file, batch_size=32)
-    data.trainer = SimpleNamespace(lightning_module=module, global_rank=0, world_size=1, current_epoch=0)
-    data.setup("validate")
-    count, start = 0, time.perf_counter()
-    for batch in data.val_dataloader():
-        count += len(module.task.generate(module.model, batch, module.tokenizer))
-    return count / (time.perf_counter() - start)
+from benchmarks.data import subset
+from benchmarks.meter import GenerationMeter
+from benchmarks.models import minilm_seq2seq
+from benchmarks.results import figure_table, write_results
+from benchmarks.systems import finetune_cli
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/multi30k")
     parser.add_argument("--train_size", type=int, default=4000)
     parser.add_argument("--val_size", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=32)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     work = Path(tempfile.mkdtemp(prefix="translation-bench-"))
-    from make_minilm_seq2seq import main as build_backbone
-
     backbone = str(work / "minilm2minilm")
-    build_backbone(backbone)
+    minilm_seq2seq(backbone, cross_attention=False)
     train = subset(Path(args.data) / "train.jsonl", work / "train.jsonl", args.train_size)
     val = subset(Path(args.data) / "validation.jsonl", work / "val.jsonl", args.val_size)
     common = [f"--model.backbone={backbone}", "--model.task=Translation", "--model.task.max_target_length=64",
@@ -56,26 +39,27 @@ def main() -> None:
               f"--data.val_file={val}", f"--data.batch_size={args.batch_size}",
               "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={work}", "--seed_everything=0"]
 
-    before = run(["validate", *common]).trainer.callback_metrics
+    before = finetune_cli.metrics(finetune_cli.run(["validate", *common]))
     start = time.perf_counter()
-    cli = run(["fit", *common, f"--data.train_file={train}", f"--trainer.max_epochs={args.epochs}",
-               "--model.optimizer.lr=0.001"])
+    cli = finetune_cli.run(["fit", *common, f"--data.train_file={train}", f"--trainer.max_epochs={args.epochs}",
+                            "--model.optimizer.lr=0.001"])
     fit_seconds = time.perf_counter() - start
-    after = cli.trainer.callback_metrics
-    ckpt = cli.trainer.checkpoint_callback.last_model_path or cli.trainer.checkpoint_callback.best_model_path
-    greedy, beam4 = throughput(ckpt, val, 1), throughput(ckpt, val, 4)
+    after = finetune_cli.metrics(cli)
+    ckpt = finetune_cli.last_checkpoint(cli)
+    throughput = {}
+    for name, beams in (("greedy", 1), ("beam4", 4)):
+        meter = GenerationMeter()
+        finetune_cli.run(["validate", *common, f"--ckpt_path={ckpt}", "--data.eval_batch_size=32",
+                          f"--model.task.generation.num_beams={beams}", "--trainer.logger=false"], generation=meter)
+        throughput[name] = round(meter.result()["sequences_per_s"], 1)
     results = {
         "train_sentences": args.train_size, "val_sentences": args.val_size, "epochs": args.epochs,
-        "bleu_before": float(before["val/bleu"]), "chrf_before": float(before["val/chrf"]),
-        "bleu_after": float(after["val/bleu"]), "chrf_after": float(after["val/chrf"]),
-        "fit_wall_seconds": round(fit_seconds, 1),
-        "generation_sequences_per_second": {"greedy": round(greedy, 1), "beam4": round(beam4, 1)},
+        "bleu_before": before["val/bleu"], "chrf_before": before["val/chrf"],
+        "bleu_after": after["val/bleu"], "chrf_after": after["val/chrf"],
+        "fit_wall_seconds": round(fit_seconds, 1), "generation_sequences_per_second": throughput,
     }
-    print("| figure | value |\n|---|---|")
-    for key, value in results.items():
-        print(f"| {key} | {value} |")
-    (Path(__file__).parent / "results").mkdir(exist_ok=True)
-    (Path(__file__).parent / "results" / "translation_multi30k.json").write_text(json.dumps(results, indent=2))
+    print(figure_table(results))
+    write_results("translation_multi30k", results)
 
 
 if __name__ == "__main__":
