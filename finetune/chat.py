@@ -34,7 +34,18 @@ PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "He
 
 @dataclass
 class GenerationSettings:
-    """How text is generated for metrics and `predict` (greedy by default: fast and deterministic)."""
+    """How text is generated for metrics and `predict` (greedy by default: fast and deterministic).
+
+    Args:
+        max_new_tokens: the most tokens generated per text.
+        num_beams: beam search with this many beams (1: greedy or sampling).
+        length_penalty: beam search: the exponent of the length that a beam's score is divided by.
+        no_repeat_ngram_size: no n-gram of this size occurs twice in a generated text (0: no limit).
+        do_sample: sample the next token instead of taking the likeliest.
+        temperature: sampling: the softmax temperature.
+        top_k: sampling: from the k likeliest tokens.
+        top_p: sampling: from the smallest set of tokens whose probability reaches p.
+    """
 
     max_new_tokens: int = 64
     num_beams: int = 1
@@ -59,14 +70,16 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class ChatFormat:
-    """Options (`model.task.init_args.chat`):
-    chat_template: the tokenizer's chat template renders the conversation, the prompt as the user turn (None:
-        when the tokenizer has a template, as instruct models do); false: the base format, `prompt + newline`,
-        then the reply and the stop token.
-    system_prompt: with a chat template, the system turn of conversations without one (None: the template's
-        default, if it has one).
-    stop_token: the token that ends a reply, inside the loss and where generation stops (None: from the
-        backbone: the chat template's end-of-turn token, else eos).
+    """How a decoder reads prompts and replies (`model.task.init_args.chat`).
+
+    Args:
+        chat_template: the tokenizer's chat template renders the conversation, the prompt as the user turn (None:
+            when the tokenizer has a template, as instruct models do); false: the base format, `prompt + newline`,
+            then the reply and the stop token.
+        system_prompt: with a chat template, the system turn of conversations without one (None: the template's
+            default, if it has one).
+        stop_token: the token that ends a reply, inside the loss and where generation stops (None: from the
+            backbone: the chat template's end-of-turn token, else eos).
     """
 
     chat_template: Optional[bool] = None

@@ -27,19 +27,23 @@ from finetune.task import Column, Task
 
 @dataclass(frozen=True)
 class GenerationTask(Task):
-    """Options:
-    source_column / target_column: the input text and the text to generate.
-    prompt: the model's input made from a row: `{source}` is the source text, `{column}` any other column
-        of the row (e.g. `summarize: {source}` for T5, `Translate to German: {source}`; write `{{` for a brace).
-    chat: decoder-only backbones: how the prompt and the target are rendered (`chat_template`, `system_prompt`,
-        `stop_token`: see finetune/chat.py): by default the user and assistant turns of the tokenizer's chat
-        template, or `prompt + newline`, the target and eos for a base model.
-    max_source_length / max_target_length: longer texts are truncated to this many tokens.
-    label_smoothing: of the cross-entropy loss.
-    generate_every_n_epochs: during `fit`, validation always reports the loss and generates and scores
-        every N epochs (0: never). A standalone `validate` or `test` always generates.
-    generation: decoding settings for metrics and `predict`.
-    decoder_only: set from the backbone's config (a causal LM, or an encoder-decoder).
+    """Text to text: a source text in, a target text generated (encoder-decoders and decoder-only LMs).
+
+    Args:
+        source_column: the column of input texts.
+        target_column: the column of the texts to generate.
+        prompt: the model's input made from a row: `{source}` is the source text, `{column}` any other column
+            of the row (e.g. `summarize: {source}` for T5, `Translate to German: {source}`; write `{{` for a brace).
+        chat: decoder-only backbones: how the prompt and the target are rendered (`chat_template`, `system_prompt`,
+            `stop_token`): by default the user and assistant turns of the tokenizer's chat template, or
+            `prompt + newline`, the target and eos for a base model.
+        max_source_length: longer source texts are truncated to this many tokens.
+        max_target_length: longer target texts are truncated to this many tokens.
+        label_smoothing: of the cross-entropy loss.
+        generate_every_n_epochs: during `fit`, validation always reports the loss and generates and scores
+            every N epochs (0: never). A standalone `validate` or `test` always generates.
+        generation: decoding settings for metrics and `predict`.
+        decoder_only: set from the backbone's config (a causal LM, or an encoder-decoder).
     """
 
     source_column: str = "source"

@@ -51,22 +51,24 @@ class TokenScores(Metric):
 
 @dataclass(frozen=True)
 class InstructionTuning(Task):
-    """Options:
-    format: `messages` (conversations), `prompt` (instruction rows) or `text` (raw text).
-    messages_column: format messages: the column of {role, content} lists.
-    prompt / completion_column: format prompt: the user turn made from a row (`{column}` is any column; write
-        `{{` for a brace; trailing whitespace is stripped, so Alpaca rows with an empty input end at the
-        instruction) and the column of the reply.
-    text_column: format text: the column of raw text.
-    chat: `chat_template`, `system_prompt`, `stop_token` (finetune/chat.py): the tokenizer's chat template (None:
-        when it has one; format messages needs one), an optional system turn (for conversations without one),
-        the token that ends a reply (None: the template's end of turn, else eos).
-    train_on_prompt: also train on everything but the replies (system and user turns, template text).
-    packing: whole examples packed into rows of `max_length` tokens, `data.batch_size` rows a batch (the core
-        picks examples that fill them); attention stays within an example (its position ids restart at 0), so
-        the loss is the same as without packing, with little padding.
-    max_length: tokens per example (longer ones are truncated, with a warning; a text becomes windows).
-    generation: decoding settings of `predict` (greedy by default).
+    """Instruction tuning and language modelling of a decoder-only LM.
+
+    Args:
+        format: `messages` (conversations), `prompt` (instruction rows) or `text` (raw text).
+        messages_column: format messages: the column of {role, content} lists.
+        prompt: format prompt: the user turn made from a row (`{column}` is any column; write `{{` for a brace;
+            trailing whitespace is stripped, so Alpaca rows with an empty input end at the instruction).
+        completion_column: format prompt: the column of the replies.
+        text_column: format text: the column of raw text.
+        chat: `chat_template`, `system_prompt`, `stop_token`: the tokenizer's chat template (None: when it has one;
+            format messages needs one), an optional system turn (for conversations without one), the token that
+            ends a reply (None: the template's end of turn, else eos).
+        train_on_prompt: also train on everything but the replies (system and user turns, template text).
+        packing: whole examples packed into rows of `max_length` tokens, `data.batch_size` rows a batch (the core
+            picks examples that fill them); attention stays within an example (its position ids restart at 0),
+            so the loss is the same as without packing, with little padding.
+        max_length: tokens per example (longer ones are truncated, with a warning; a text becomes windows).
+        generation: decoding settings of `predict` (greedy by default).
     """
 
     format: Literal["messages", "prompt", "text"] = "messages"

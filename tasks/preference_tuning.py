@@ -73,14 +73,21 @@ def reply_text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class PreferenceTuning(Task):
-    """Options:
-    prompt_column / chosen_column / rejected_column: the prompt and the two completions of a pair.
-    loss_type: `sigmoid` (DPO: -log sigmoid(beta x margin of log-ratios)) or `ipo` (IPO: (margin of per-token
-        log-ratios - 1 / (2 beta))^2).
-    beta: how far the model may move from the reference (DPO's beta, IPO's tau).
-    label_smoothing: sigmoid loss: the share of pairs assumed mislabelled (conservative DPO), 0 to 0.5.
-    chat / max_length / generation: as in InstructionTuning (a prompt of several turns needs a chat template). A
-        pair longer than max_length keeps its prompt's end (at least half of max_length) and its completions' start.
+    """Preference tuning (DPO, IPO) of a decoder-only LM on chosen/rejected pairs.
+
+    Args:
+        prompt_column: the column of prompts (a conversation, or a text).
+        chosen_column: the column of the preferred completions.
+        rejected_column: the column of the rejected completions.
+        loss_type: `sigmoid` (DPO: -log sigmoid(beta x margin of log-ratios)) or `ipo` (IPO: (margin of per-token
+            log-ratios - 1 / (2 beta))^2).
+        beta: how far the model may move from the reference (DPO's beta, IPO's tau).
+        label_smoothing: sigmoid loss: the share of pairs assumed mislabelled (conservative DPO), 0 to 0.5.
+        chat: `chat_template`, `system_prompt`, `stop_token`, as in instruction tuning (a prompt of several turns
+            needs a chat template).
+        max_length: tokens per pair; a longer pair keeps its prompt's end (at least half of max_length) and its
+            completions' start.
+        generation: decoding settings of `predict` (greedy by default).
     """
 
     prompt_column: str = "prompt"

@@ -46,7 +46,7 @@ class Rouge(Metric):
 
 @dataclass(frozen=True)
 class Summarization(GenerationTask):
-    """Options: as `GenerationTask` (see finetune/generation.py); columns default to document/summary."""
+    """Summarization, scored with ROUGE; options as `GenerationTask`, the columns default to document/summary."""
 
     source_column: str = "document"
     target_column: str = "summary"

@@ -49,8 +49,12 @@ class SacreBLEU(Metric):
 
 @dataclass(frozen=True)
 class Translation(GenerationTask):
-    """Options: as `GenerationTask` (see finetune/generation.py), plus
-    source_lang / target_lang: read `translation_column` rows of the form {lang: text}.
+    """Translation, scored with sacreBLEU and chrF; options as `GenerationTask`, plus:
+
+    Args:
+        source_lang: with `target_lang`: read `translation_column` rows of the form {lang: text}.
+        target_lang: the language to translate into, a key of the `translation_column` rows.
+        translation_column: the column of {lang: text} rows.
     """
 
     source_lang: Optional[str] = None
