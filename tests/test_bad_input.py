@@ -1,8 +1,6 @@
 """Bad input files: every reader stops with one InputError naming the file, the line or row and the
 column, never a traceback from inside a library, and never reads garbage silently."""
 
-from __future__ import annotations
-
 import csv
 import io
 import json
