@@ -8,7 +8,6 @@ import dataclasses
 import difflib
 import importlib
 import inspect
-import json
 import os
 import re
 import sys
@@ -162,13 +161,9 @@ def checkpoint_path(args: list[str]) -> Optional[str]:
     return found[-1] if found else None
 
 
-def with_checkpoint_model(args: list[str], checkpoint: dict[str, Any]) -> list[str]:
-    """The command line with the checkpoint's `model.backbone` and `model.task` first, as defaults that the rest of it
-    may override: a checkpoint alone rebuilds its model, so `predict --ckpt_path C` needs no config."""
-    hparams = checkpoint.get("hyper_parameters", {})
-    given = [f"--model.{key}={value if isinstance(value, str) else json.dumps(value)}"
-             for key in ("backbone", "task") if (value := hparams.get(key)) is not None]
-    return [*args[:1], *given, *args[1:]]
+def command_line_of(args: Any) -> list[str]:
+    """The command line as LightningCLI reads it: `args`, else sys.argv."""
+    return [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
 
 
 #: What the weights of a checkpoint were trained with: `--ckpt_path` runs take it from the checkpoint.
@@ -176,13 +171,17 @@ WEIGHT_SHAPING = ("model.backbone", "model.lora", "model.task.class_path", "mode
 
 
 class FineTuneCLI(LightningCLI):
+    def __init__(self, *arguments: Any, args: Any = None, **kwargs: Any) -> None:
+        # The checkpoint of `--ckpt_path`, read and checked before the parsers are built: its model options are their
+        # defaults, so that a checkpoint alone rebuilds its model (`predict --ckpt_path C` needs no config).
+        given = checkpoint_path(command_line_of(args))
+        self.checkpoint = read_checkpoint(given) if given else None
+        super().__init__(*arguments, args=args, **kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        # The command line as LightningCLI reads it: `args`, else sys.argv.
-        command_line = [] if isinstance(args, (dict, Namespace)) else list(sys.argv[1:] if args is None else args)
+        command_line = command_line_of(args)
         check_config_files(command_line)
-        given = checkpoint_path(command_line)
-        checkpoint = read_checkpoint(given) if given else None
-        super().parse_arguments(parser, with_checkpoint_model(command_line, checkpoint) if checkpoint else args)
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else None
         if config is not None and config.get("ckpt_path") == "last":  # before LightningCLI reads the checkpoint
@@ -213,6 +212,10 @@ class FineTuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PredictionWriter, "predictions")
         parser.add_lightning_class_args(StopOnSignal, "stop_on_signal")
+        hparams = (self.checkpoint or {}).get("hyper_parameters", {})
+        defaults = {f"model.{key}": hparams[key] for key in ("backbone", "task") if hparams.get(key) is not None}
+        if defaults:
+            parser.set_defaults(defaults)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self.config_init[self.subcommand]["trainer"] if self.subcommand else self.config_init["trainer"]

@@ -32,10 +32,11 @@ class OutputDirsCheck(Callback):
 def check_output_dirs(trainer: Any) -> None:
     """Raise InputError naming the setting when a directory `fit` writes to cannot be written: the
     Trainer's `default_root_dir`, each logger's `save_dir` and each `ModelCheckpoint`'s `dirpath`
-    (local paths; remote ones such as `s3://` are left to their filesystem). Missing directories are
-    created, as training would create them. Every process checks, so that all stop together."""
+    (local paths; remote ones such as `s3://` are left to their filesystem). Missing directories are left
+    for training to create; their nearest existing parent must be writable. Every process checks, so that all
+    stop together."""
     for setting, path in output_dirs(trainer):
-        problem = unwritable(path)
+        problem = unwritable(path, create=False)
         if problem:
             raise InputError(f"{setting}: cannot write to {path!r}: {problem}")
 
@@ -62,11 +63,18 @@ def run_inputs(config: Any) -> list[tuple[str, str]]:
             if path is not None and "://" not in str(path) and os.path.exists(path)]
 
 
-def unwritable(path: str) -> Optional[str]:
-    """Why a file cannot be created in directory `path` (created if missing), or None if it can."""
-    directory = Path(path).expanduser()
+def unwritable(path: str, create: bool = True) -> Optional[str]:
+    """Why a file cannot be created in directory `path`, or None if it can. A missing directory is created, or
+    with `create=False` left alone: then its nearest existing parent must be a directory we may write in (a fit
+    that fails before training then leaves no directory behind)."""
+    directory = Path(path).expanduser().absolute()
     if directory.exists() and not directory.is_dir():
         return "it is a file, not a directory"
+    if not directory.exists() and not create:
+        parent = next(p for p in directory.parents if p.exists())
+        if not parent.is_dir():
+            return f"{str(parent)!r} is a file, not a directory"
+        return None if os.access(parent, os.W_OK | os.X_OK) else f"{str(parent)!r} is not writable"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):
