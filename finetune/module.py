@@ -22,8 +22,9 @@ from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
 
 FSDP_PREFIX = "_fsdp_wrapped_module."  # (how FSDP's wrappers prefix parameter names)
-#: Version of what checkpoints hold; `on_load_checkpoint` refuses others with a message.
-CHECKPOINT_FORMAT = 2
+#: Version of what checkpoints hold; `on_load_checkpoint` refuses others with a message. 3: a decoder's chat options
+#: nested under the task's `chat`, the epoch's metric states saved mid-epoch.
+CHECKPOINT_FORMAT = 3
 
 
 class FineTuneModule(LightningModule):

@@ -16,6 +16,7 @@ from finetune.cli import main, run
 from finetune.columns import declared_columns
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
+from finetune.module import CHECKPOINT_FORMAT
 from finetune.preflight import check_monitors
 from finetune.registry import build_task
 from tasks.classification import TextClassification
@@ -138,14 +139,17 @@ def test_checkpoints_are_checked_before_anything_loads(tmp_path):
     old = checkpoint_file(tmp_path / "old.ckpt", hyper_parameters={"task": {"class_path": "x.TextClassification"}})
     with pytest.raises(InputError, match=r"old.ckpt' was written by a finetune of an earlier format"):
         check_checkpoint(old)
-    qa = checkpoint_file(tmp_path / "qa.ckpt", finetune_format=2,
+    format_2 = checkpoint_file(tmp_path / "f2.ckpt", finetune_format=2)  # (before the chat options were nested)
+    with pytest.raises(InputError, match=r"f2.ckpt' was written by a finetune of format 2; this version reads format 3"):
+        check_checkpoint(format_2)
+    qa = checkpoint_file(tmp_path / "qa.ckpt", finetune_format=CHECKPOINT_FORMAT,
                          hyper_parameters={"task": {"class_path": "tasks.question_answering.QuestionAnswering"}})
     config = SimpleNamespace(task=SimpleNamespace(class_path="tasks.classification.TextClassification"))
     with pytest.raises(InputError, match=r"holds a QuestionAnswering model, but the config's model.task is "
                                          r"TextClassification"):
         check_checkpoint(qa, config)
     check_checkpoint(qa)  # no task named: the checkpoint's is used
-    sft = checkpoint_file(tmp_path / "sft.ckpt", finetune_format=2,
+    sft = checkpoint_file(tmp_path / "sft.ckpt", finetune_format=CHECKPOINT_FORMAT,
                           hyper_parameters={"task": {"class_path": "tasks.instruction_tuning.InstructionTuning"}})
     with pytest.raises(InputError, match=r"holds an InstructionTuning model, but the config's model.task is "):
         check_checkpoint(sft, config)
