@@ -23,7 +23,7 @@ from benchmarks.data import DATA, read_jsonl, write_jsonl
 from benchmarks.models import MINILM
 from benchmarks.results import write_results
 from benchmarks.systems import finetune_cli
-from tasks.question_answering import SquadMetric
+from tasks.squad import SquadMetric
 
 DEFAULT = DATA / "squad" / "dev_sample_v2.jsonl"
 KEYS = ["exact_match", "f1", "HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1"]

@@ -119,14 +119,14 @@ TOY_CORPUS = [" ".join(words) for words in WORDS.values()] * 20 + ["the cat sat 
 
 @pytest.fixture(scope="session")
 def tiny_t5(tmp_path_factory) -> str:
-    from finetune.testing import tiny_backbone
+    from finetune.tiny import tiny_backbone
 
     return tiny_backbone(tmp_path_factory.mktemp("tiny-t5"), "t5", TOY_CORPUS)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> str:
-    from finetune.testing import tiny_backbone
+    from finetune.tiny import tiny_backbone
 
     return tiny_backbone(tmp_path_factory.mktemp("tiny-gpt2"), "gpt2", TOY_CORPUS)
 
@@ -134,7 +134,7 @@ def tiny_gpt2(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> str:
     """A tiny Llama with SmolLM2-Instruct's ChatML chat template and no pad token of its own."""
-    from finetune.testing import tiny_backbone
+    from finetune.tiny import tiny_backbone
 
     return tiny_backbone(tmp_path_factory.mktemp("tiny-llama"), "llama", TOY_CORPUS)
 

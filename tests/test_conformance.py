@@ -13,7 +13,8 @@ from torchmetrics import Metric, MetricCollection
 from conftest import KIT_PROCESSES, make_rows, reversal_rows
 from finetune.chat import GenerationSettings
 from finetune.task import Task
-from finetune.testing import ConformanceError, check_task, tiny_backbone
+from finetune.testing import ConformanceError, check_task
+from finetune.tiny import tiny_backbone
 from tasks.classification import TextClassification
 from tasks.question_answering import QuestionAnswering
 from tasks.summarization import Summarization

@@ -16,7 +16,7 @@ from finetune.chat import ChatFormat, GenerationSettings
 from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.module import FineTuneModule
-from finetune.testing import CHATML_TEMPLATE
+from finetune.tiny import CHATML_TEMPLATE
 from tasks.summarization import Rouge, split_sentences
 from tasks.translation import SacreBLEU, Translation
 

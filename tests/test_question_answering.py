@@ -18,14 +18,8 @@ from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 from conftest import SHARED, write_jsonl
 from finetune.cli import main, run
 from finetune.errors import InputError
-from tasks.question_answering import (
-    Answer,
-    Decoding,
-    QuestionAnswering,
-    SplitContext,
-    answer_spans,
-    best_answers,
-)
+from tasks.question_answering import QuestionAnswering, answer_spans
+from tasks.squad import Answer, Decoding, SplitContext, best_answers
 
 SQUAD = SHARED / "data" / "squad" / "dev_sample_v2.jsonl"
 needs_squad = pytest.mark.skipif(not SQUAD.is_file(), reason="../shared/data/squad is not here")
@@ -343,7 +337,7 @@ def test_best_answers_do_not_depend_on_the_order_or_repeats_of_windows():
 
 
 def test_scores_by_hand():
-    from tasks.question_answering import squad_scores
+    from tasks.squad import squad_scores
 
     scores = squad_scores(["The Eiffel Tower!", "tower in Paris", "", "", "Paris", "Eiffel-Tower"],
                           [["Eiffel Tower"], ["the Eiffel Tower"], [], ["x"], [], ["Eiffel Tower"]])
