@@ -21,10 +21,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from transformers import PretrainedConfig
 
 from finetune.errors import InputError
+from finetune.task import task_option
 from finetune.files import value_kind
 from finetune.target_tokens import IGNORE
 
-OPTION = "model.task.init_args.chat"  # (where messages name the options)
+OPTION = task_option("chat")  # (where messages name the options)
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 # The chat template is checked on this conversation at setup, before any data is read.
@@ -258,7 +259,7 @@ def prompt_ends(prompts: list[list[int]], max_length: int) -> list[list[int]]:
     """Prompts longer than max_length keep their last tokens, where the reply starts (with a warning)."""
     long = sum(len(ids) > max_length for ids in prompts)
     if long:
-        rank_zero_warn(f"{long} of {len(prompts)} prompts are longer than model.task.init_args.max_length="
+        rank_zero_warn(f"{long} of {len(prompts)} prompts are longer than {task_option('max_length')}="
                        f"{max_length} tokens; they keep their last {max_length}")
     return [ids[-max_length:] for ids in prompts]
 

@@ -10,7 +10,7 @@ import datasets
 
 from finetune.errors import InputError
 from finetune.files import mixed_type_problem, value_kind
-from finetune.task import Column, Task
+from finetune.task import Column, Task, task_option
 
 
 def declared_columns(task: Task, split: str) -> list[tuple[Column, str]]:
@@ -55,7 +55,7 @@ def missing_column(task: Task, split: str, names: list[str]) -> Optional[str]:
         if name not in names:
             close = difflib.get_close_matches(name, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            return (f"has no column {name!r} (model.task.init_args.{column.option}); its columns are: "
+            return (f"has no column {name!r} ({task_option(column.option)}); its columns are: "
                     f"{', '.join(names) or 'none'}.{hint}")
     return None
 

@@ -22,7 +22,7 @@ from finetune.errors import InputError
 from finetune.files import check_data_file, read_data_file, read_hub_dataset
 from finetune.pipeline import STAGE_SPLITS, collate, make_features
 from finetune.sampling import LengthGroupedBatchSampler, LongestFirst, ResumableBatches
-from finetune.task import Task
+from finetune.task import Task, task_option
 
 FILE_OPTIONS = {"train": "train_file", "val": "val_file", "test": "test_file", "predict": "predict_file"}
 HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test", "predict": "test"}
@@ -262,7 +262,7 @@ def warn_truncated(task: Task, tokenizer: Any, rows: datasets.Dataset, features:
     count = len(set().union(*cut.values()))
     if count:
         what = ", ".join(f"{len(cut[key])} by {task.length_limits[key]}" for key in keys if cut[key])
-        limits = ", ".join(f"model.task.init_args.{task.length_limits[key]}={getattr(task, task.length_limits[key])}"
+        limits = ", ".join(f"{task_option(task.length_limits[key])}={getattr(task, task.length_limits[key])}"
                            for key in keys if cut[key])
         rank_zero_warn(f"{where}: {count} of {len(rows)} {split} examples are longer than the task's limits and were "
                        f"truncated ({what}); raise {limits} to keep more of them")

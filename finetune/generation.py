@@ -22,7 +22,7 @@ from finetune.chat import OPTION, ChatFormat, GenerationSettings, decoded_texts,
 from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.target_tokens import IGNORE, target_tokens
-from finetune.task import Column, Task
+from finetune.task import Column, Task, task_option
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class GenerationTask(Task):
     def __post_init__(self) -> None:
         for option in ("max_source_length", "max_target_length"):
             if getattr(self, option) < 2:
-                raise InputError(f"model.task.init_args.{option}: must be at least 2, got {getattr(self, option)}")
+                raise InputError(f"{task_option(option)}: must be at least 2, got {getattr(self, option)}")
 
     def backbone_options(self, config: PretrainedConfig, tokenizer: Any) -> dict[str, Any]:
         if not config.is_encoder_decoder:
@@ -102,10 +102,10 @@ class GenerationTask(Task):
             return [self.prompt.format_map({**{k: v[i] for k, v in examples.items()}, "source": source})
                     for i, source in enumerate(sources)]
         except KeyError as err:
-            raise InputError(f"model.task.init_args.prompt: {self.prompt!r} names {{{err.args[0]}}}, which is "
+            raise InputError(f"{task_option('prompt')}: {self.prompt!r} names {{{err.args[0]}}}, which is "
                              "neither {source} nor a column of the data") from err
         except (ValueError, IndexError) as err:
-            raise InputError(f"model.task.init_args.prompt: {self.prompt!r} is not a template ({err}); write {{{{ "
+            raise InputError(f"{task_option('prompt')}: {self.prompt!r} is not a template ({err}); write {{{{ "
                              "and }} for literal braces") from err
 
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:

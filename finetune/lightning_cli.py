@@ -204,9 +204,9 @@ class FineTuneCLI(LightningCLI):
             if config is None or isinstance(config.get(key), Namespace):  # (a value, not a class)
                 continue
             if self.checkpoint_given and key.startswith(WEIGHT_SHAPING) and config[key] != value:
-                raise InputError(f"--{key.replace('.init_args', '')} {value!r}: the checkpoint's weights were trained "
-                                 f"with {config[key]!r}; with --ckpt_path the backbone, the LoRA settings and the label "
-                                 "set come from the checkpoint (leave the option out)")
+                raise InputError(f"--{key.replace('.init_args', '')} {value!r}: the checkpoint's weights were "
+                                 f"trained with {config[key]!r}; with --ckpt_path the backbone, the LoRA settings and "
+                                 "the label set come from the checkpoint (leave the option out)")
             config[key] = value
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

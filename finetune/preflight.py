@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
 from finetune.errors import InputError
+from finetune.task import task_option
 
 
 class OutputDirsCheck(Callback):
@@ -105,7 +106,7 @@ def check_monitors(trainer: Any, task: Any, has_validation_data: bool = True) ->
                 f"trainer.callbacks: {type(callback).__name__} monitors {monitor!r}, which {type(task).__name__} "
                 f"does not compute in the validation of epoch {missing + 1} (Lightning stops a run whose monitored "
                 "value is missing); monitor 'val/loss', which every validation reports, or have the task score "
-                "every validation (generation tasks: model.task.init_args.generate_every_n_epochs: 1)")
+                f"every validation (generation tasks: {task_option('generate_every_n_epochs')}: 1)")
 
 
 def validation_monitors(trainer: Any) -> list[Any]:

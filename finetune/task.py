@@ -55,6 +55,11 @@ class Column:
     field: Optional[str] = None
 
 
+def task_option(name: str) -> str:
+    """How messages name a task option: its config key."""
+    return f"model.task.init_args.{name}"
+
+
 #: The class-level declarations of a task: annotated in a subclass, @dataclass would make them options.
 DECLARATIONS = ("head_modules", "length_limits", "compares_to_reference")
 

@@ -17,7 +17,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 from transformers import AutoModelForSequenceClassification
 
 from finetune.errors import InputError
-from finetune.task import Column, Task
+from finetune.task import Column, Task, task_option
 
 Label = Union[str, int]
 
@@ -49,7 +49,7 @@ class TextClassification(Task):
 
     def __post_init__(self) -> None:
         if self.max_length < 1:
-            raise InputError(f"model.task.init_args.max_length: must be at least 1, got {self.max_length}")
+            raise InputError(f"{task_option('max_length')}: must be at least 1, got {self.max_length}")
 
     def columns(self) -> list[Column]:
         return [Column("text_column"), Column("text_pair_column"), Column("label_column", "label", target=True)]
@@ -67,10 +67,10 @@ class TextClassification(Task):
 
     def check_rows(self, split: str, rows: Any, where: str) -> None:
         if self.labels is None:  # (only on a split other than train: `learn` saw the training split)
-            raise InputError("model.task.init_args.labels: no label set; give it, or a checkpoint (--ckpt_path), or "
+            raise InputError(f"{task_option('labels')}: no label set; give it, or a checkpoint (--ckpt_path), or "
                              "data.train_file to learn it from")
         if len(self.labels) < 2:
-            raise InputError(f"model.task.init_args.labels: need at least 2 labels, found {self.labels}")
+            raise InputError(f"{task_option('labels')}: need at least 2 labels, found {self.labels}")
         if split == "predict":
             return
         known = set(self.labels)
@@ -81,7 +81,7 @@ class TextClassification(Task):
             if unknown:
                 raise InputError(
                     f"{where}, row {row}: label {unknown[0]!r} in column {self.label_column!r} is not in the "
-                    f"label set {self.labels} (model.task.init_args.labels, or learned from the training split)"
+                    f"label set {self.labels} ({task_option('labels')}, or learned from the training split)"
                 )
 
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:

@@ -24,7 +24,7 @@ from finetune.columns import column_values, conversation_row
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.target_tokens import IGNORE, TargetTokens, target_tokens
-from finetune.task import Column, Task
+from finetune.task import Column, Task, task_option
 
 
 class TokenScores(Metric):
@@ -84,7 +84,7 @@ class InstructionTuning(Task):
 
     def __post_init__(self) -> None:
         if self.max_length < 2:
-            raise InputError(f"model.task.init_args.max_length: must be at least 2, got {self.max_length}")
+            raise InputError(f"{task_option('max_length')}: must be at least 2, got {self.max_length}")
 
     def columns(self) -> list[Column]:
         if self.format == "messages":
@@ -100,7 +100,7 @@ class InstructionTuning(Task):
         require_decoder(config, tokenizer, "instruction tuning")
         chat = self.chat.settle(tokenizer)
         if self.format == "messages" and not chat.chat_template:
-            raise InputError(f"model.task.init_args.format: messages are rendered with a chat template, and "
+            raise InputError(f"{task_option('format')}: messages are rendered with a chat template, and "
                              f"{tokenizer.name_or_path!r} has none or {OPTION}.chat_template is false; use an instruct "
                              "backbone, or format: prompt")
         return {"chat": chat}
@@ -114,7 +114,7 @@ class InstructionTuning(Task):
                 problem = conversation_problem(messages, predicting=split == "predict")
                 if problem:
                     raise InputError(f"{where}, row {row}: column {self.messages_column!r} "
-                                     f"(model.task.init_args.messages_column) {problem}")
+                                     f"({task_option('messages_column')}) {problem}")
         elif self.format == "prompt":
             self.check_prompt(rows, where)
 
@@ -124,21 +124,21 @@ class InstructionTuning(Task):
             names = list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(self.prompt)
                                        if name is not None))
         except ValueError as err:
-            raise InputError(f"model.task.init_args.prompt: {self.prompt!r} is not a template ({err}); write {{{{ "
+            raise InputError(f"{task_option('prompt')}: {self.prompt!r} is not a template ({err}); write {{{{ "
                              "and }} for literal braces") from err
         for name in names:
             if name not in rows.column_names:
-                raise InputError(f"model.task.init_args.prompt: {self.prompt!r} names {{{name}}}, which is not a "
+                raise InputError(f"{task_option('prompt')}: {self.prompt!r} names {{{name}}}, which is not a "
                                  f"column of {where}; its columns are: {', '.join(rows.column_names)}")
         values = {name: column_values(rows, name) for name in names}
         for row in range(len(rows)):
             for name in names:
                 if not isinstance(values[name][row], str):
-                    raise InputError(f"{where}, row {row + 1}: column {name!r} (named by model.task.init_args.prompt) "
+                    raise InputError(f"{where}, row {row + 1}: column {name!r} (named by {task_option('prompt')}) "
                                      f"must hold text, got {value_kind(values[name][row]) or 'null'}: "
                                      f"{values[name][row]!r:.60}")
             if not self.prompt.format_map({name: values[name][row] for name in names}).strip():
-                raise InputError(f"{where}, row {row + 1}: the prompt (model.task.init_args.prompt) is empty: columns "
+                raise InputError(f"{where}, row {row + 1}: the prompt ({task_option('prompt')}) is empty: columns "
                                  f"{', '.join(map(repr, names))} hold no text")
 
     def prompts(self, examples: dict[str, list]) -> list[str]:
@@ -172,7 +172,7 @@ class InstructionTuning(Task):
         if long:
             lost = sum(all(label == IGNORE for label in features["labels"][i][1:]) for i in long)
             rank_zero_warn(
-                f"{len(long)} of {len(encoded)} examples are longer than model.task.init_args.max_length="
+                f"{len(long)} of {len(encoded)} examples are longer than {task_option('max_length')}="
                 f"{self.max_length} tokens and were truncated"
                 + (f"; {lost} of them keep no reply token and add nothing to the loss" if lost else ""))
         return features

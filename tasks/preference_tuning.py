@@ -23,7 +23,7 @@ from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.target_tokens import IGNORE, target_tokens
-from finetune.task import Column, Task
+from finetune.task import Column, Task, task_option
 
 
 class PreferenceScores(Metric):
@@ -104,11 +104,11 @@ class PreferenceTuning(Task):
 
     def __post_init__(self) -> None:
         if self.beta <= 0:
-            raise InputError(f"model.task.init_args.beta: must be positive, got {self.beta}")
+            raise InputError(f"{task_option('beta')}: must be positive, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
-            raise InputError(f"model.task.init_args.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
+            raise InputError(f"{task_option('label_smoothing')}: must be in [0, 0.5), got {self.label_smoothing}")
         if self.max_length < 4:
-            raise InputError(f"model.task.init_args.max_length: must be at least 4, got {self.max_length}")
+            raise InputError(f"{task_option('max_length')}: must be at least 4, got {self.max_length}")
 
     def columns(self) -> list[Column]:
         return [Column("prompt_column", "messages"), Column("chosen_column", "id", target=True),
@@ -132,13 +132,13 @@ class PreferenceTuning(Task):
                 problem = "must end with a user turn (the completions are the reply to it)"
             if problem:
                 raise InputError(f"{where}, row {row}: column {self.prompt_column!r} "
-                                 f"(model.task.init_args.prompt_column) {problem}")
+                                 f"({task_option('prompt_column')}) {problem}")
             if targets:
                 for option, value in zip(("chosen_column", "rejected_column"), values[1:]):
                     problem = completion_problem(value)
                     if problem:
                         raise InputError(f"{where}, row {row}: column {getattr(self, option)!r} "
-                                         f"(model.task.init_args.{option}) {problem}")
+                                         f"({task_option(option)}) {problem}")
                 if reply_text(values[1]).strip() == reply_text(values[2]).strip():
                     raise InputError(f"{where}, row {row}: the chosen and the rejected completion are the same text "
                                      f"({reply_text(values[1])!r:.60}); a pair must differ to say which is preferred")
@@ -168,7 +168,7 @@ class PreferenceTuning(Task):
             features["chosen"].append(chosen_ids)
             features["rejected"].append(rejected_ids)
         if long:
-            rank_zero_warn(f"{long} of {len(conversations)} pairs are longer than model.task.init_args.max_length="
+            rank_zero_warn(f"{long} of {len(conversations)} pairs are longer than {task_option('max_length')}="
                            f"{self.max_length} tokens: their prompts keep their end and their completions their start")
         return features
 

@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from transformers import AutoModelForQuestionAnswering
 
 from finetune.errors import InputError
-from finetune.task import MODEL_INPUTS, Column, Task
+from finetune.task import MODEL_INPUTS, Column, Task, task_option
 from tasks.squad import Decoding, SplitContext, SquadMetric, best_answers, best_spans
 
 NO_CONTEXT = [-1, -1]  # offsets of tokens that are not context (question, special tokens, padding)
@@ -65,7 +65,7 @@ class QuestionAnswering(Task):
 
     def __post_init__(self) -> None:
         if not 0 <= self.doc_stride < self.max_length:
-            raise InputError(f"model.task.init_args.doc_stride ({self.doc_stride}) must be in "
+            raise InputError(f"{task_option('doc_stride')} ({self.doc_stride}) must be in "
                              f"[0, max_length={self.max_length})")
 
     @property
@@ -125,7 +125,7 @@ class QuestionAnswering(Task):
                                  f"[...]}} with lists of equal length (empty for no answer), got {answer!r}")
             if not answer["text"] and not self.version_2_with_negative:
                 raise InputError(f"{at}: the question has no answer; for data with unanswerable questions "
-                                 "(SQuAD 2.0) set model.task.init_args.version_2_with_negative: true")
+                                 f"(SQuAD 2.0) set {task_option('version_2_with_negative')}: true")
             try:
                 answer_spans(answer, context)
             except ValueError as err:

@@ -333,13 +333,15 @@ def test_truncation_is_warned_once_per_split(tiny_bert, tokenizer, tmp_path):
     exact = "one two three four five six"  # [CLS] + 6 tokens + [SEP]: exactly 8, not truncated
     assert len(tokenizer(exact)["input_ids"]) == 8
     rows = [{"text": exact, "label": "pos"}, {"text": "short", "label": "neg"}]
-    data = DataModule(train_file=write_jsonl(tmp_path / "t.jsonl", rows), val_file=write_jsonl(tmp_path / "v.jsonl", rows))
+    data = DataModule(train_file=write_jsonl(tmp_path / "t.jsonl", rows),
+                      val_file=write_jsonl(tmp_path / "v.jsonl", rows))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         data.connect(task, tokenizer, "fit")
     long = [*rows, {"text": "one two three four five six seven", "label": "pos"},
             {"text": "word " * 500, "label": "neg"}]
-    data = DataModule(train_file=write_jsonl(tmp_path / "t2.jsonl", long), val_file=write_jsonl(tmp_path / "v.jsonl", rows))
+    data = DataModule(train_file=write_jsonl(tmp_path / "t2.jsonl", long),
+                      val_file=write_jsonl(tmp_path / "v.jsonl", rows))
     with pytest.warns(UserWarning) as record:
         data.connect(task, tokenizer, "fit")
     messages = [str(w.message) for w in record if "truncated" in str(w.message)]

@@ -145,7 +145,8 @@ def test_declaration_errors_are_raised_when_the_task_class_is_defined():
     class DeclaredHead(TextClassification):
         head_modules: ClassVar[tuple[str, ...]] = ("classifier",)
 
-    assert [f.name for f in dataclasses.fields(DeclaredHead)] == [f.name for f in dataclasses.fields(TextClassification)]
+    fields = [f.name for f in dataclasses.fields(DeclaredHead)]
+    assert fields == [f.name for f in dataclasses.fields(TextClassification)]
 
 
 @pytest.mark.parametrize("task, message", [

@@ -140,7 +140,8 @@ def test_checkpoints_are_checked_before_anything_loads(tmp_path):
     with pytest.raises(InputError, match=r"old.ckpt' was written by a finetune of an earlier format"):
         check_checkpoint(old)
     format_2 = checkpoint_file(tmp_path / "f2.ckpt", finetune_format=2)  # (before the chat options were nested)
-    with pytest.raises(InputError, match=r"f2.ckpt' was written by a finetune of format 2; this version reads format 3"):
+    with pytest.raises(InputError, match=r"f2.ckpt' was written by a finetune of format 2; this version reads "
+                                         r"format 3"):
         check_checkpoint(format_2)
     qa = checkpoint_file(tmp_path / "qa.ckpt", finetune_format=CHECKPOINT_FORMAT,
                          hyper_parameters={"task": {"class_path": "tasks.question_answering.QuestionAnswering"}})

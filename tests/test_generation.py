@@ -302,5 +302,6 @@ def test_a_template_that_does_not_render_prompt_then_reply_stops_before_training
     module.tokenizer.chat_template = CHATML_TEMPLATE.replace("message['content']", "message['content'] | trim")
     batch_of(module, [{"source": "good cat", "target": "cat good"}])
     with pytest.raises(InputError, match=r"does not render the conversation 'good cat'... .* at turn 2 it renders "
-                                         r"'.*\\ncat good<\|im_end\|>.*' where '.*\\n cat good<\|im_end\|>' was expected"):
+                                         r"'.*\\ncat good<\|im_end\|>.*' where '.*\\n cat good<\|im_end\|>' "
+                                         r"was expected"):
         batch_of(module, [{"source": "good cat", "target": "cat good"}, {"source": "good cat", "target": " cat good"}])

@@ -56,7 +56,8 @@ def batches(task, rows, tokenizer, with_targets=True, size=16, seed=0) -> list[d
     index = feats.pop("overflow_to_sample_mapping")
     feats = [(dict(zip(feats, values)), i) for values, i in zip(zip(*feats.values()), index)]
     random.Random(seed).shuffle(feats)
-    return [{**task.collate([f for f, _ in chunk], tokenizer, with_targets), "index": torch.tensor([i for _, i in chunk])}
+    return [{**task.collate([f for f, _ in chunk], tokenizer, with_targets),
+             "index": torch.tensor([i for _, i in chunk])}
             for chunk in (feats[i : i + size] for i in range(0, len(feats), size))]
 
 
