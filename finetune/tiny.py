@@ -1,6 +1,7 @@
 """Tiny offline backbones for tests and the conformance kit: a randomly initialised 2-layer, 32-wide BERT, T5,
 GPT-2 or Llama (SmolLM2's shape, with its ChatML template) with a tokenizer trained on the test's own rows."""
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Sequence, Union
 
