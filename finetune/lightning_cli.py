@@ -74,6 +74,10 @@ def check_config_files(args: list[str]) -> None:
             raise InputError(f"--config {path}: not valid YAML: {detail}") from err
 
 
+#: The commands of `finetune` that finetune/cli.py runs without LightningCLI.
+OTHER_COMMANDS = ("tasks", "export", "serve")
+
+
 class FineTuneParser(LightningArgumentParser):
     """LightningCLI's parser, whose errors say what is wrong in one line, last: an unknown option of a class also
     lists the valid ones, and jsonargparse's dump of the union it tried is left out."""
@@ -86,9 +90,11 @@ class FineTuneParser(LightningArgumentParser):
 
     def print_usage(self, file: Any = None) -> None:
         """The first line of the usage (what an error prints before its message): the full usage of a
-        subcommand is ~70 lines of options that bury the error; `--help` lists them."""
+        subcommand is ~70 lines of options that bury the error; `--help` lists them. The commands `finetune` runs
+        without LightningCLI are listed beside its own."""
         lines = self.format_usage().splitlines()
-        (file or sys.stdout).write(lines[0] + (" ..." if len(lines) > 1 else "") + "\n")
+        first = lines[0].replace("predict}", "predict," + ",".join(OTHER_COMMANDS) + "}")
+        (file or sys.stdout).write(first + (" ..." if len(lines) > 1 else "") + "\n")
 
 
 def unknown_key_hint(message: str, parser: LightningArgumentParser) -> Optional[str]:

@@ -253,3 +253,11 @@ def test_every_task_option_has_help_text(task, capsys):
     undocumented = [block.split()[0] for block in blocks
                     if not re.sub(r"--model\.task\.\S+( \S+)?,?", "", block.split("(type:")[0]).strip()]
     assert not undocumented, f"options without help text: {undocumented}"
+
+
+def test_the_usage_line_of_an_error_lists_every_command(capsys):
+    """An error's usage line named only LightningCLI's commands (issue 25.12)."""
+    with pytest.raises(SystemExit):
+        main(["predict", "--data.predict_file=x.jsonl"])
+    usage = capsys.readouterr().err.splitlines()[0]
+    assert usage == "usage: finetune [-c CONFIG] {fit,validate,test,predict,tasks,export,serve} ..."
