@@ -52,6 +52,13 @@ def reversal_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     return [{"source": " ".join(w), "target": " ".join(reversed(w))} for w in (rng.sample(words, 4) for _ in range(n))]
 
 
+def synthetic_conversations(n: int, seed: int = 0) -> list[dict[str, list[dict[str, str]]]]:
+    """`synthetic_instruction_rows` as conversations: the instruction as the user turn, the output as the reply."""
+    return [{"messages": [{"role": "user", "content": row["instruction"]},
+                          {"role": "assistant", "content": row["output"]}]}
+            for row in synthetic_instruction_rows(n, seed)]
+
+
 def synthetic_instruction_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Instruction rows of Alpaca's length (~170 tokens with the chat template), from a fixed vocabulary."""
     rng = random.Random(seed)

@@ -121,10 +121,10 @@ def read_checkpoint(path: str) -> Optional[dict[str, Any]]:
     return checkpoint
 
 
-def check_checkpoint(path: str, model_config: Any = None) -> None:
-    """Before anything loads: `path` is a finetune checkpoint of the current format, and of the task the
-    config names (if it names one)."""
-    checkpoint = read_checkpoint(path)
+def check_checkpoint(path: str, model_config: Any = None, checkpoint: Optional[dict[str, Any]] = None) -> None:
+    """Before anything loads: `path` is a finetune checkpoint of the current format (`checkpoint`: as
+    `read_checkpoint` read it already), and of the task the config names (if it names one)."""
+    checkpoint = checkpoint if checkpoint is not None else read_checkpoint(path)
     if checkpoint is None:
         return
     saved = checkpoint.get("hyper_parameters", {}).get("task", {}).get("class_path", "")

@@ -180,8 +180,8 @@ class FineTuneCLI(LightningCLI):
     def __init__(self, *arguments: Any, args: Any = None, **kwargs: Any) -> None:
         # The checkpoint of `--ckpt_path`, read and checked before the parsers are built: its model options are their
         # defaults, so that a checkpoint alone rebuilds its model (`predict --ckpt_path C` needs no config).
-        given = checkpoint_path(command_line_of(args))
-        self.checkpoint = read_checkpoint(given) if given else None
+        self.checkpoint_path = checkpoint_path(command_line_of(args))
+        self.checkpoint = read_checkpoint(self.checkpoint_path) if self.checkpoint_path else None
         super().__init__(*arguments, args=args, **kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -197,8 +197,9 @@ class FineTuneCLI(LightningCLI):
         keys = [namespace_key(config, name) for name in model_option_names(command_line)] if config else []
         self.typed_model_values = {key: config[key] for key in keys if key and not isinstance(config[key], Namespace)}
         self.checkpoint_given = bool(config and config.get("ckpt_path"))
-        if subcommand and config.get("ckpt_path"):
-            check_checkpoint(config["ckpt_path"], config.get("model"))
+        if subcommand and config.get("ckpt_path"):  # (read already, unless `last` named it)
+            read = self.checkpoint if config["ckpt_path"] == self.checkpoint_path else None
+            check_checkpoint(config["ckpt_path"], config.get("model"), read)
 
     def before_instantiate_classes(self) -> None:
         # LightningCLI has rebuilt the model section from the checkpoint (`--ckpt_path`), over everything

@@ -49,6 +49,12 @@ def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "finetune", *args]
 
 
+def run_command_in(code: Path, *args: str) -> None:
+    """`finetune ARGS` in a child process, with the finetune source tree `code` (e.g. a checkout of an earlier
+    commit, to compare versions): its directory is the child's current one, so `python -m finetune` imports it."""
+    subprocess.run(command(*args), cwd=code, env=child_env(PYTHONPATH=str(code)), check=True, capture_output=True)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,12 +64,12 @@ def free_port() -> int:
 class Server:
     """`finetune serve ARGS` in a child process (its own process group), ready once GET /health answers 200."""
 
-    def __init__(self, args: list[str], log: Path, timeout: float = 300) -> None:
+    def __init__(self, args: list[str], log: Path, timeout: float = 300, code: Path = REPO) -> None:
         self.port = free_port()
-        with log.open("w") as out:
+        with log.open("w") as out:  # (`code`: the finetune source tree to serve with, as the current directory)
             self.process = subprocess.Popen(command("serve", *args, f"--port={self.port}"), stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO,
-                                            env=child_env())
+                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=code,
+                                            env=child_env(PYTHONPATH=str(code)))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
