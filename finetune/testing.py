@@ -11,8 +11,8 @@
 rows, or any model directory you pass) and runs your task the way `finetune` runs it:
   1. the task's config rebuilds an equal task and is plain data (what checkpoints store);
   2. `finetune fit` for a few epochs, and in its first step, on real batches: `forward` -> `loss`
-     is a finite scalar whose gradient reaches every trainable weight; `loss_weight` is positive and
-     counts what `loss` averages over (the halves of a batch add up to the whole);
+     is a finite scalar whose gradient reaches every trainable weight; `loss_weight` is positive (and, after
+     training, counts what `loss` averages over: the halves of a batch add up to the whole);
      the metrics update, compute finite values and reset to a clean state; `predict` returns one
      JSON-serialisable dict per feature and `merge_predictions` one row per example;
   3. `finetune predict` from the saved checkpoint writes the same predictions as the model in memory;
@@ -64,7 +64,8 @@ def _fail(hook: str, problem: str) -> NoReturn:
 
 
 class ContractChecks(Callback):
-    """Runs the hook checks once, on the first training batch and a validation and predict batch."""
+    """Runs the hook checks once, on the first training batch and a validation and predict batch; and, once the
+    model has learned something (its items' losses differ), whether `loss` is the mean over `loss_weight` items."""
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step > 0 or batch_idx > 0:
@@ -74,13 +75,19 @@ class ContractChecks(Callback):
         datamodule = trainer.datamodule
         model.eval()
         with torch.inference_mode():
-            check_loss_weight(task, pl_module, datamodule.features["train"], trainer.strategy.batch_to_device)
             val_batch = trainer.strategy.batch_to_device(next(iter(datamodule.val_dataloader())))
             check_metrics(task, pl_module, val_batch, datamodule.contexts.get("val"))
             datamodule.connect(task, tokenizer, "predict")
             predict_batch = trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader())))
             check_predict(task, model, tokenizer, predict_batch, datamodule.contexts.get("predict"))
         model.train()
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pl_module.model.eval()
+        with torch.inference_mode():
+            check_loss_weight(pl_module.task, pl_module, trainer.datamodule.features["train"],
+                              trainer.strategy.batch_to_device)
+        pl_module.model.train()
 
 
 def check_loss(task: Task, module: Any, batch: dict[str, torch.Tensor]) -> None:
@@ -109,7 +116,8 @@ def check_loss(task: Task, module: Any, batch: dict[str, torch.Tensor]) -> None:
 def check_loss_weight(task: Task, module: Any, features: Any, to_device: Any) -> None:
     """`loss` is the mean over `loss_weight(batch)` items: on two halves of a batch of training features, the losses
     times their weights add up to the whole batch's (the core's exact means across micro-batches and processes
-    rely on it)."""
+    rely on it). A sum for a mean always shows; a mean over other items than those counted (rows for tokens) shows
+    only where the items' losses differ, hence after training."""
     rows = [features[i] for i in range(min(6, len(features)))]
     if len(rows) < 2:
         return

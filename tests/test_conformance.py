@@ -131,6 +131,13 @@ class UnusedHead(TextClassification):
         return type("Out", (), {"logits": model.classifier(outputs.last_hidden_state[:, 0])})()
 
 
+class LossIsASum(TextClassification):
+    """The loss summed over the rows, not averaged: the core's means would grow with the batch size."""
+
+    def loss(self, outputs, batch):
+        return torch.nn.functional.cross_entropy(outputs.logits, batch["labels"], reduction="sum")
+
+
 def test_declaration_errors_are_raised_when_the_task_class_is_defined():
     with pytest.raises(TypeError, match=r"postponed_annotations_task.PostponedAnnotations: its module has `from "
                                         r"__future__ import annotations`, .* remove that import from .*postponed"):
@@ -157,6 +164,8 @@ def test_declaration_errors_are_raised_when_the_task_class_is_defined():
     (PredictsTensors(), r"Task.predict: row .* is not JSON-serialisable"),
     (DetachedLoss(), r"Task.loss: has no gradient"),
     (UnusedHead(), r"Task.loss: its gradient reaches none of \d+ trainable weights, e.g. \['model.*pooler"),
+    (LossIsASum(), r"Task.loss_weight: the batch's loss x loss_weight is .* `loss` must be the mean over the "
+                       r"`loss_weight\(batch\)` items"),
 ])
 def test_broken_tasks_fail_with_the_hook_named(task, message, tmp_path):
     with pytest.raises(ConformanceError, match=message):
