@@ -25,7 +25,7 @@ from finetune.console import LoggingInterval, ProgressBar, Summary
 from finetune.errors import InputError
 from finetune.pipeline import connect
 from finetune.predictions import PredictionWriter
-from finetune.preflight import check_monitors, check_output_dirs, run_inputs
+from finetune.preflight import check_monitors, check_output_dirs, run_inputs, without_validation
 from finetune.runs import DiscardFailedRun, default_loggers, resolve_last, tensorboard_installed
 
 
@@ -247,8 +247,11 @@ class FineTuneCLI(LightningCLI):
     # module before Lightning runs a stage: its hooks then only train, evaluate and predict.
     def before_fit(self) -> None:
         # Fail in seconds, not after an epoch, on a monitored metric some epochs do not report, or on unwritable
-        # outputs (checked after: it creates the output directories); then read the data.
-        check_monitors(self.trainer, self.model.task, self.datamodule.has("val"))
+        # outputs; then read the data.
+        if self.datamodule.has("val"):
+            check_monitors(self.trainer, self.model.task)
+        else:
+            without_validation(self.trainer)
         check_output_dirs(self.trainer)
         connect(self.model, self.datamodule, "fit")
 

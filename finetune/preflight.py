@@ -85,14 +85,11 @@ def unwritable(path: str, create: bool = True) -> Optional[str]:
     return None
 
 
-def check_monitors(trainer: Any, task: Any, has_validation_data: bool = True) -> None:
+def check_monitors(trainer: Any, task: Any) -> None:
     """Raise InputError when a callback (ModelCheckpoint, EarlyStopping) monitors a validation metric of the task
     that some validation of this fit will not report (`Task.computes_metrics`: e.g. a generation task scoring
-    every 2nd epoch): Lightning stops the run with a MisconfigurationException at the first such epoch. A run
-    without validation data (`has_validation_data`: data.val_file or data.dataset) is `without_validation`."""
-    if not has_validation_data:
-        without_validation(trainer)
-        return
+    every 2nd epoch): Lightning stops the run with a MisconfigurationException at the first such epoch. (A fit
+    without validation data: `without_validation`.)"""
     epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1000  # (-1: no limit)
     every = trainer.check_val_every_n_epoch or 1
     validated = [epoch for epoch in range(min(epochs, 1000)) if (epoch + 1) % every == 0]

@@ -17,7 +17,7 @@ from finetune.columns import declared_columns
 from finetune.errors import InputError
 from finetune.lora import LoraSettings
 from finetune.module import CHECKPOINT_FORMAT
-from finetune.preflight import check_monitors
+from finetune.preflight import check_monitors, without_validation
 from finetune.registry import build_task
 from tasks.classification import TextClassification
 from tasks.question_answering import QuestionAnswering
@@ -88,14 +88,14 @@ def test_without_validation_data_a_ranked_checkpoint_keeps_last_and_early_stoppi
     """(issue 25: a fit without data.val_file that monitors val/accuracy printed only Lightning's warnings)"""
     checkpoint = ModelCheckpoint(monitor="val/accuracy", mode="max", save_top_k=-1, save_last=False)
     trainer = SimpleNamespace(max_epochs=2, check_val_every_n_epoch=1, limit_val_batches=1.0, callbacks=[checkpoint])
-    check_monitors(trainer, TextClassification(), has_validation_data=False)
+    without_validation(trainer)
     assert (checkpoint.save_top_k, checkpoint.save_last, trainer.limit_val_batches) == (0, True, 0)
     assert ("No validation data (data.val_file): ModelCheckpoint keeps last.ckpt only (it ranks checkpoints by "
             "'val/accuracy', which only validation reports)") in caplog.messages
     trainer.callbacks.append(EarlyStopping(monitor="val/loss"))
     with pytest.raises(InputError, match=r"^trainer.callbacks: EarlyStopping monitors 'val/loss', but the run has no "
                                          r"validation data; give data.val_file, or remove the callback$"):
-        check_monitors(trainer, TextClassification(), has_validation_data=False)
+        without_validation(trainer)
 
 
 def test_evaluation_without_a_label_set_is_named():
