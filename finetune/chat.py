@@ -21,9 +21,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from transformers import PretrainedConfig
 
 from finetune.errors import InputError
-from finetune.task import task_option
 from finetune.files import value_kind
 from finetune.target_tokens import IGNORE
+from finetune.task import task_option
 
 OPTION = task_option("chat")  # (where messages name the options)
 ROLES = ("system", "user", "assistant")
