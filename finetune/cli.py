@@ -55,11 +55,12 @@ def print_tasks() -> None:
 def run(args: Optional[list[str]] = None) -> LightningCLI:
     """`finetune fit|validate|test|predict ...` (args default to the command line); returns the FineTuneCLI."""
     from finetune.console import quiet_known_messages
+
+    quiet_known_messages()  # (first: importing the module imports PEFT, which imports bitsandbytes, which logs)
+
     from finetune.data import DataModule
     from finetune.lightning_cli import FineTuneCLI, FineTuneParser, RunConfig
     from finetune.module import FineTuneModule
-
-    quiet_known_messages()
 
     # Configs may name a task by its short class name; that needs the class imported.
     for problem in import_registered_tasks():

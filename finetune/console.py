@@ -26,6 +26,10 @@ KNOWN_HARMLESS = [
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud uploads"),
     # Lightning, when the schedule asks for the run's length (`configure_optimizers`): nothing to act on.
     ("lightning.pytorch.utilities.rank_zero", "Loading `train_dataloader` to estimate number of stepping batches"),
+    # bitsandbytes (>= 0.49), when imported on a CPU with AVX512_BF16: it tries to fetch an optional 4-bit matmul
+    # kernel from the Hugging Face Hub, which refuses it (unverified publisher) or is unreachable, and falls back to
+    # its own PyTorch path, which computes the same.
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
     # datasets, before the reader fails: finetune's own message names the line and the cause.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
 ]

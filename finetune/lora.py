@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Optional, Union
 
 import torch
+from packaging.version import Version
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from torch import nn
 from transformers import PreTrainedModel
 
 from finetune.errors import InputError
+
+#: The first bitsandbytes whose 4-bit and 8-bit layers run (forward and backward) on CPUs as well as CUDA GPUs.
+BITSANDBYTES_MINIMUM = "0.49"
 
 # Families PEFT has no default targets for (PEFT 0.21); their attention projections are BART's.
 EXTRA_DEFAULT_TARGETS = {
@@ -85,23 +90,43 @@ def check_rank(model: PeftModel, r: int) -> None:
                          f"out); set it to at most {width} (8-64 is usual)")
 
 
-def quantized_loading(quantization: Optional[str], lora: Optional[LoraSettings]) -> dict[str, Any]:
-    """`from_pretrained` arguments that load the frozen backbone quantized (QLoRA), or none."""
+def quantized_loading(quantization: Optional[str], lora: Optional[LoraSettings], dtype: torch.dtype,
+                      device: torch.device) -> dict[str, Any]:
+    """`from_pretrained` arguments that load the frozen backbone quantized (QLoRA) onto `device`, computing in
+    `dtype`, or none. bitsandbytes runs 4-bit and 8-bit layers on CUDA GPUs and, from 0.49, on CPUs."""
     if quantization is None:
         return {}
     if lora is None:
         raise InputError("model.quantization needs LoRA (model.lora): quantized weights cannot be trained directly")
-    if not torch.cuda.is_available():
-        raise InputError(f"model.quantization={quantization!r} needs a CUDA GPU (bitsandbytes); this machine has "
-                         "none. Remove the setting to train in full precision here.")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError(f"model.quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    try:
+        installed = version("bitsandbytes")
+    except PackageNotFoundError:
+        raise InputError(f"model.quantization={quantization!r} needs bitsandbytes: pip install "
+                         f"'bitsandbytes>={BITSANDBYTES_MINIMUM}'") from None
+    if Version(installed) < Version(BITSANDBYTES_MINIMUM):
+        raise InputError(f"model.quantization={quantization!r} needs bitsandbytes >= {BITSANDBYTES_MINIMUM} (the "
+                         f"first that quantizes on CPUs as well as GPUs); this environment has {installed}: "
+                         f"pip install -U 'bitsandbytes>={BITSANDBYTES_MINIMUM}'")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"model.quantization={quantization!r}: bitsandbytes quantizes on CUDA GPUs and CPUs, not "
+                         f"on {device.type!r}; remove the setting, or train on a CPU or a CUDA GPU")
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.bfloat16)
+                                    bnb_4bit_compute_dtype=dtype)
     else:
         config = BitsAndBytesConfig(load_in_8bit=True)
-    # Quantized weights are placed on this process's GPU as they load; they cannot be moved later.
-    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+    # Quantized weights are placed on this process's device as they load; they cannot be moved later.
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
+def keep_4bit_layers_trainable(model: nn.Module) -> None:
+    """bitsandbytes (0.50) repacks a 4-bit layer's weights for its fast CPU inference kernel the first time the
+    layer runs in eval mode without gradients (a validation pass), and from then on computes the layer with that
+    kernel, which has no backward: the gradients reaching the LoRA weights of earlier layers through it come out
+    wrong (measured on a tiny Llama: off by more than their own size). Keep the layout that trains (the layers'
+    public switch for that repacking)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # (bitsandbytes.nn.Linear4bit)
+            module.support_avx512bf16_for_cpu = False

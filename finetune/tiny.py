@@ -69,9 +69,10 @@ def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Archite
                             unk_token="<unk>").save_pretrained(path)
 
 
-def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Sequence[str]) -> str:
-    """A randomly initialised 2-layer, 32-wide model with a tokenizer trained on `corpus`, saved like a
-    pretrained model directory (safetensors): enough to run every code path of a task in seconds."""
+def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Sequence[str], width: int = 32) -> str:
+    """A randomly initialised 2-layer, `width`-wide model with a tokenizer trained on `corpus`, saved like a
+    pretrained model directory (safetensors): enough to run every code path of a task in seconds. (bitsandbytes
+    quantizes in blocks of 64 inputs: a 4-bit Llama needs `width` 64.)"""
     from transformers import (
         AutoTokenizer,
         BertConfig,
@@ -100,9 +101,9 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
             attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0))
     else:  # SmolLM2's shape in miniature: grouped-query attention, tied embeddings, no pad token
         model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
-            eos_token_id=2, pad_token_id=None))
+            vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=None))
     model.save_pretrained(path)
     return str(path)
 

@@ -106,9 +106,10 @@ class TextClassification(Task):
         }
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = outputs.logits.float()  # (bf16 under autocast: the loss is computed in fp32)
         if self.multi_label:
-            return F.binary_cross_entropy_with_logits(outputs.logits, batch["labels"].to(outputs.logits.dtype))
-        return F.cross_entropy(outputs.logits, batch["labels"])
+            return F.binary_cross_entropy_with_logits(logits, batch["labels"].float())
+        return F.cross_entropy(logits, batch["labels"])
 
     def metrics(self, split: str, context: Any) -> MetricCollection:
         n = len(self.labels)

@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional
 
 from finetune.errors import InputError
 from finetune.pipeline import predict_rows
+from finetune.precision import autocast
 from finetune.serve.adapters import flag_of
 from finetune.serve.checks import ChatWork
 
@@ -75,6 +76,7 @@ class Hosted:
             self.peft_names = {}
         self.model = model.to(device).eval()
         self.device = device
+        self.compute_dtype = module.compute_dtype  # (the backbone's: the forward autocasts to it, as in training)
 
     def routed(self, adapters: list[str], **generate: Any) -> Routed:
         """The model for a batch whose rows are of these adapters."""
@@ -94,8 +96,9 @@ class Hosted:
         results: list[Optional[dict]] = [None] * len(items)
         for members in self.groups([self.tasks[adapter].config() for adapter, _ in items]):
             adapters, rows = [items[i][0] for i in members], [items[i][1] for i in members]
-            predictions = predict_rows(self.tasks[adapters[0]], self.model, self.tokenizer, rows, PASS_SIZE,
-                                       self.device, lambda batch: self.routed([adapters[i] for i in batch]))
+            with autocast(self.device, self.compute_dtype):
+                predictions = predict_rows(self.tasks[adapters[0]], self.model, self.tokenizer, rows, PASS_SIZE,
+                                           self.device, lambda batch: self.routed([adapters[i] for i in batch]))
             for i, prediction in zip(members, predictions):
                 results[i] = prediction
         return results  # type: ignore[return-value]
@@ -127,9 +130,10 @@ class Hosted:
         outcome: dict[str, Any] = {}
 
         def run() -> None:
-            try:
-                outcome["predictions"] = predict_rows(task, self.model, self.tokenizer, [w.row for w in works],
-                                                      len(works), self.device, model_for)
+            try:  # (autocast is per thread: entered in this one)
+                with autocast(self.device, self.compute_dtype):
+                    outcome["predictions"] = predict_rows(task, self.model, self.tokenizer, [w.row for w in works],
+                                                          len(works), self.device, model_for)
             except BaseException as err:  # (raised again below, in the worker's loop, which answers 500)
                 outcome["error"] = err
             finally:
