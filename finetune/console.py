@@ -30,6 +30,9 @@ KNOWN_HARMLESS = [
     # kernel from the Hugging Face Hub, which refuses it (unverified publisher) or is unreachable, and falls back to
     # its own PyTorch path, which computes the same.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+    # transformers, when `finetune export` dequantizes a QLoRA backbone to merge into it: export states the dtype.
+    ("transformers.integrations.bitsandbytes", "The modules are dequantized in"),
     # datasets, before the reader fails: finetune's own message names the line and the cause.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
 ]
