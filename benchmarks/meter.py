@@ -136,7 +136,7 @@ class StepMeter:
             figures.update(gflops_per_s=flops / seconds / 1e9, matmul_params=matmul_params)
         if self.losses:
             losses = [float(loss) for loss in self.losses]
-            figures.update(last_loss=losses[-1], mean_loss=statistics.mean(losses))
+            figures.update(last_loss=losses[-1], mean_loss=statistics.mean(losses), losses=losses)
         if self.cuda:
             import torch
 
@@ -213,12 +213,12 @@ class GenerationMeter:
                 "tokens_per_sequence": self.tokens / max(self.sequences, 1), "peak_rss_mb": peak_rss_mb()}
 
 
-def matmul_peak(threads: int, n: int = 2048, repeats: int = 10) -> dict[str, Any]:
-    """Dense fp32 matmul GFLOP/s of this machine with `threads` threads (best and median of `repeats`)."""
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 10, dtype: str = "float32") -> dict[str, Any]:
+    """Dense matmul GFLOP/s of this machine in `dtype` with `threads` threads (best and median of `repeats`)."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(3):
         a @ b
     times = []

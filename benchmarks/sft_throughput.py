@@ -1,6 +1,13 @@
 """Instruction tuning (LoRA SFT) throughput head to head: `finetune`'s `InstructionTuning` vs a hand-written
-PyTorch + PEFT loop vs Hugging Face `Trainer` + PEFT vs TRL's `SFTTrainer`, on SmolLM2-135M-Instruct in fp32,
-the same Alpaca rows, tokens, batches, LoRA, optimizer, schedule and number of optimizer steps.
+PyTorch + PEFT loop vs Hugging Face `Trainer` + PEFT vs TRL's `SFTTrainer`, on SmolLM2-135M-Instruct, the same
+Alpaca rows, tokens, batches, LoRA, optimizer, schedule and number of optimizer steps, in three precisions (a
+system is named `system@precision`):
+- fp32: every weight fp32.
+- bf16: the frozen weights loaded in bf16, the LoRA weights fp32, the forward under bf16 autocast (finetune:
+  `model.backbone_dtype: bfloat16`; the loop: the same by hand; Trainer and SFTTrainer: the model loaded in bf16
+  and `bf16=True`, their autocast).
+- 4bit: the frozen linear weights 4-bit NF4 with double quantization (bitsandbytes), the rest bf16 computing in
+  bf16, PEFT's `prepare_model_for_kbit_training` (finetune: `model.quantization: 4bit`).
 
 Every system runs in a fresh process per repeat, alternately, after one discarded warm-up round; the
 table gives the median and (min–max) of the repeats (the harness, meter and systems of this package, as
@@ -36,9 +43,11 @@ end of its first optimizer step, the loss of the last step and the mean loss of 
 FLOP/s: 4 N per computed token (forward 2N + backward through the frozen weights 2N; N = the decoder's
 linear weights, LoRA and attention scores not counted) plus 4 N_head per target token (the output layer is
 needed at target positions only; a system that computes it everywhere does more work than is counted), as
-a fraction of this machine's dense fp32 matmul peak measured in the same run.
+a fraction of this machine's dense fp32 and bf16 matmul peaks measured in the same run; and each run's per-step
+losses (finetune bf16 vs fp32: the largest relative difference of the curves).
 
     python -m benchmarks.sft_throughput --repeats 2
+    python -m benchmarks.sft_throughput --systems finetune@fp32,finetune@bf16 --steps 19 --repeats 1  # loss curves
 """
 
 from __future__ import annotations
@@ -59,7 +68,7 @@ from benchmarks.results import cell, compare, interference_note, markdown_table,
 from benchmarks.systems import finetune_cli, hand_loop
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}  # target_modules: all-linear
-SYSTEMS = {
+PROGRAMS = {
     "finetune": "finetune",
     "finetune_packed": "finetune, packing",
     "loop": "hand loop (PyTorch + PEFT)",
@@ -68,6 +77,11 @@ SYSTEMS = {
     "trl_packed": "TRL SFTTrainer, packing (bfd)",
     "trl_padding_free": "TRL SFTTrainer, padding_free",
 }
+PRECISIONS = ("fp32", "bf16", "4bit")
+SYSTEMS = {f"{program}@{precision}": f"{label} · {precision}" for precision in PRECISIONS
+           for program, label in PROGRAMS.items()}
+DEFAULT_SYSTEMS = ["matmul", *(f"{p}@{precision}" for precision in PRECISIONS for p in ("finetune", "loop")),
+                   "finetune_packed@bf16", "hf_trainer@bf16", "trl@bf16", "trl_packed@bf16"]
 
 
 # --- the systems (each in its own process) ---------------------------------------------------------
@@ -99,11 +113,27 @@ def prepared(args: argparse.Namespace) -> tuple[Any, list[dict], list[list[int]]
                                                                group=True))
 
 
-def peft_model(args: argparse.Namespace) -> Any:
-    from transformers import AutoModelForCausalLM
+def peft_model(args: argparse.Namespace, precision: str) -> Any:
+    """SmolLM2 with LoRA: fp32; the frozen weights in bf16 (LoRA fp32); or 4-bit NF4 (QLoRA, PEFT's preparation)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype="float32")
-    return with_lora(model, "CAUSAL_LM", **LORA, target_modules="all-linear")
+    if precision == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16,
+                                                     quantization_config=quantization, device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16 if precision == "bf16"
+                                                     else torch.float32)
+    model = with_lora(model, "CAUSAL_LM", **LORA, target_modules="all-linear")
+    for parameter in model.parameters():  # (PEFT keeps adapters fp32 on bf16 weights already: made sure)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model
 
 
 def figures(meter: StepMeter, model: Any) -> dict[str, Any]:
@@ -113,13 +143,18 @@ def figures(meter: StepMeter, model: Any) -> dict[str, Any]:
     return {**meter.result(decoder, head), "head_params": head, "trainable_params": trainable_params(model)}
 
 
-def run_finetune(args: argparse.Namespace, work: Path, meter: StepMeter, packing: bool) -> dict[str, Any]:
+FINETUNE_PRECISION = {"fp32": ["--model.backbone_dtype=float32"], "bf16": ["--model.backbone_dtype=bfloat16"],
+                      "4bit": ["--model.backbone_dtype=bfloat16", "--model.quantization=4bit"]}
+
+
+def run_finetune(args: argparse.Namespace, work: Path, meter: StepMeter, packing: bool,
+                 precision: str) -> dict[str, Any]:
     cli = finetune_cli.run([
         "fit", f"--seed_everything={args.seed}", f"--model.backbone={SMOLLM2}", "--model.task=InstructionTuning",
         "--model.task.init_args.format=prompt", f"--model.task.init_args.max_length={args.max_length}",
         f"--model.task.init_args.packing={str(packing).lower()}", f"--model.lora.r={LORA['r']}",
         f"--model.lora.alpha={LORA['alpha']}", f"--model.lora.dropout={LORA['dropout']}",
-        "--model.lora.target_modules=all-linear", "--model.optimizer=torch.optim.AdamW",
+        "--model.lora.target_modules=all-linear", *FINETUNE_PRECISION[precision], "--model.optimizer=torch.optim.AdamW",
         f"--model.optimizer.lr={args.lr}", "--model.optimizer.weight_decay=0.0",
         f"--data.train_file={args.train_file}", f"--data.batch_size={args.batch_size}", "--data.group_by_length=true",
         "--data.num_workers=0", f"--data.seed={args.seed}", f"--trainer.max_steps={args.warmup + args.steps}",
@@ -129,7 +164,7 @@ def run_finetune(args: argparse.Namespace, work: Path, meter: StepMeter, packing
     return figures(meter, cli.model.model)
 
 
-def run_loop(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
+def run_loop(args: argparse.Namespace, work: Path, meter: StepMeter, precision: str) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorForSeq2Seq
@@ -137,13 +172,14 @@ def run_loop(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str
     torch.manual_seed(args.seed)
     tokenizer, examples, batches = prepared(args)
     loader = DataLoader(examples, batch_sampler=batches, collate_fn=DataCollatorForSeq2Seq(tokenizer))
-    model = peft_model(args)
-    hand_loop.train(model, loader, args.warmup + args.steps, args.lr, 0.0, meter)
+    model = peft_model(args, precision)
+    hand_loop.train(model, loader, args.warmup + args.steps, args.lr, 0.0, meter,
+                    autocast=torch.bfloat16 if precision != "fp32" else None)
     model.save_pretrained(work / "adapter")  # (as the others, a checkpoint at the end)
     return figures(meter, model)
 
 
-def trainer_inputs(args: argparse.Namespace, work: Path) -> tuple[Any, Any, Any, dict[str, Any]]:
+def trainer_inputs(args: argparse.Namespace, work: Path, precision: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(tokenizer, the rows in finetune's batch order, so that a sequential sampler yields finetune's batches, the
     model, the Trainer settings)."""
     import datasets
@@ -155,25 +191,25 @@ def trainer_inputs(args: argparse.Namespace, work: Path) -> tuple[Any, Any, Any,
     total = args.warmup + args.steps
     settings = hf_trainer.settings(work, args.batch_size, total, args.lr, 0.0, args.seed, warmup_steps=0,
                                    logging_steps=1, save_strategy="steps", save_steps=total,
-                                   train_sampling_strategy="sequential")
-    return tokenizer, data, peft_model(args), settings
+                                   train_sampling_strategy="sequential", bf16=precision != "fp32")
+    return tokenizer, data, peft_model(args, precision), settings
 
 
-def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter) -> dict[str, Any]:
+def run_hf_trainer(args: argparse.Namespace, work: Path, meter: StepMeter, precision: str) -> dict[str, Any]:
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     from benchmarks.systems import hf_trainer
 
-    tokenizer, data, model, settings = trainer_inputs(args, work)
+    tokenizer, data, model, settings = trainer_inputs(args, work, precision)
     training_args = TrainingArguments(**settings)
     hf_trainer.train(model, data, DataCollatorForSeq2Seq(tokenizer), training_args, meter, processing_class=tokenizer)
     return {**figures(meter, model), "optimizer": str(training_args.optim)}
 
 
-def run_trl(args: argparse.Namespace, work: Path, meter: StepMeter, variant: str) -> dict[str, Any]:
+def run_trl(args: argparse.Namespace, work: Path, meter: StepMeter, variant: str, precision: str) -> dict[str, Any]:
     from benchmarks.systems import trl
 
-    tokenizer, data, model, settings = trainer_inputs(args, work)
+    tokenizer, data, model, settings = trainer_inputs(args, work, precision)
     meter.pad_id = tokenizer.pad_token_id  # (packed rows: their padding is found by it)
     if variant == "packed":  # packed rows of ~max_length: about as many tokens per step as the others' batches
         mean_length = statistics.mean(len(ids) for ids in data["input_ids"])
@@ -187,24 +223,26 @@ def run_trl(args: argparse.Namespace, work: Path, meter: StepMeter, variant: str
 def child(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     if args.child == "matmul":
-        emit(matmul_peak(args.threads))
+        emit({**matmul_peak(args.threads), **{f"bf16_{k}": v for k, v in
+                                              matmul_peak(args.threads, dtype="bfloat16").items()}})
         return
     work = Path(tempfile.mkdtemp(prefix=f"bench-{args.child}-"))
     meter = StepMeter(args.warmup, args.steps)
+    program, precision = args.child.split("@")
     try:
-        if args.child.startswith("finetune"):
-            emit(run_finetune(args, work, meter, packing=args.child == "finetune_packed"))
-        elif args.child == "loop":
-            emit(run_loop(args, work, meter))
-        elif args.child == "hf_trainer":
-            emit(run_hf_trainer(args, work, meter))
-        elif args.child == "trl_padding_free":
+        if program.startswith("finetune"):
+            emit(run_finetune(args, work, meter, packing=program == "finetune_packed", precision=precision))
+        elif program == "loop":
+            emit(run_loop(args, work, meter, precision))
+        elif program == "hf_trainer":
+            emit(run_hf_trainer(args, work, meter, precision))
+        elif program == "trl_padding_free":
             try:  # (an expected outcome to report, not a benchmark failure)
-                emit(run_trl(args, work, meter, "padding_free"))
+                emit(run_trl(args, work, meter, "padding_free", precision))
             except Exception as err:  # noqa: BLE001
                 emit({"error": f"{type(err).__name__}: {err}"[:500], "peak_rss_mb": peak_rss_mb()})
         else:
-            emit(run_trl(args, work, meter, args.child.removeprefix("trl").lstrip("_") or "plain"))
+            emit(run_trl(args, work, meter, program.removeprefix("trl").lstrip("_") or "plain", precision))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -236,7 +274,8 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--lr", type=float, default=2e-4)
     add_run_arguments(parser, "sft_throughput", repeats=2, warmup_rounds=1)
-    parser.add_argument("--systems", default=",".join(["matmul", *SYSTEMS]))
+    parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                        help=f"matmul and any of {', '.join(SYSTEMS)}")
     parser.add_argument("--child", choices=["matmul", *SYSTEMS], help=argparse.SUPPRESS)
     parser.add_argument("--train_file", help=argparse.SUPPRESS)
     parser.add_argument("--model_dir", help=argparse.SUPPRESS)
@@ -256,6 +295,7 @@ def main() -> None:
     names = args.systems.split(",")
     systems = child_commands(__spec__.name, names, options)
     runs, summary, info = compare(systems, args, work)
+    data["loss_curves"] = {name: runs[name][0].get("losses") for name in names if runs.get(name)}
     errors = {name: runs[name][-1]["error"] for name in names if "error" in runs[name][-1]}
     publish(args.output, {
         "machine": info,
@@ -267,42 +307,53 @@ def main() -> None:
 
 
 def report(summary: dict[str, Any], errors: dict[str, str], data: dict[str, Any], args: argparse.Namespace) -> str:
-    peak = summary["matmul"]["matmul_gflops_per_s"]["median"] if "matmul" in summary else None
+    peaks = {kind: summary["matmul"][key]["median"] if "matmul" in summary else None
+             for kind, key in (("fp32", "matmul_gflops_per_s"), ("bf16", "bf16_matmul_gflops_per_s"))}
     rows = []
     for name, label in SYSTEMS.items():
         if name in errors:
-            rows.append([label, f"failed: {errors[name]}", *["–"] * 8])
+            rows.append([label, f"failed: {errors[name]}", *["–"] * 9])
         elif name in summary:
             s = summary[name]
+            of_peak = [f"{100 * s['gflops_per_s']['median'] / peak:.0f}%" if peak else "–" for peak in peaks.values()]
             rows.append([label, cell(s["real_tokens_per_s"], ".0f"), f"{100 * s['padding_fraction']['median']:.1f}%",
                          f"{s['computed_tokens_per_step']['median']:.0f}", cell(s["peak_rss_mb"], ".0f"),
-                         cell(s["startup_to_first_step_s"], ".1f"), cell(s["gflops_per_s"], ".1f"),
-                         f"{100 * s['gflops_per_s']['median'] / peak:.0f}%" if peak else "–",
+                         cell(s["startup_to_first_step_s"], ".1f"), cell(s["gflops_per_s"], ".1f"), *of_peak,
                          cell(s["last_loss"], ".3f"), cell(s["mean_loss"], ".3f")])
     header = ["system", "real tokens/s", "padding", "tokens/step", "peak RSS (MB)", "start → 1st step (s)",
-              "model GFLOP/s", "of matmul peak", "last-step loss", "mean loss"]
+              "model GFLOP/s", "of fp32 peak", "of bf16 peak", "last-step loss", "mean loss"]
     lines = [markdown_table(header, rows), ""]
     lines.append(f"{data['examples']} Alpaca rows ({data['mean_tokens']:.0f} tokens on average, "
                  f"{data['mean_target_tokens']:.0f} of them targets; {data['truncated']} truncated at "
                  f"{args.max_length}), batch {args.batch_size}, {args.steps} timed steps after {args.warmup}.")
-    if peak:
-        lines.append(f"Dense fp32 matmul peak (2048², {args.threads} threads, median of rounds): {peak:.1f} GFLOP/s.")
+    if peaks["fp32"]:
+        lines.append(f"Dense matmul peaks (2048², {args.threads} threads, median of rounds): fp32 {peaks['fp32']:.1f}, "
+                     f"bf16 {peaks['bf16']:.1f} GFLOP/s.")
+    curves = data["loss_curves"]
+    if curves.get("finetune@fp32") and curves.get("finetune@bf16"):
+        gaps = [abs(b - a) / abs(a) for a, b in zip(curves["finetune@fp32"], curves["finetune@bf16"])]
+        lines.append(f"finetune loss curves, bf16 vs fp32 over {len(gaps)} steps: largest relative difference "
+                     f"{max(gaps):.4f} (step {gaps.index(max(gaps))}), mean {statistics.mean(gaps):.4f}.")
     targets = []
-    if {"finetune", "loop"} <= summary.keys():
-        targets.append(("finetune tokens/s ≥ 0.97 × hand loop",
-                        ratio(summary, "finetune", "loop", "real_tokens_per_s"), 0.97, True))
-    for other, packed in (("hf_trainer", False), ("trl", False), ("trl_packed", True)):
-        mine = "finetune_packed" if packed else "finetune"
-        if {mine, other} <= summary.keys() and other not in errors:
-            targets.append((f"{SYSTEMS[mine]} tokens/s ≥ 1.0 × {SYSTEMS[other]}",
-                            ratio(summary, mine, other, "real_tokens_per_s"), 1.0, True))
-    if "finetune_packed" in summary:
-        targets.append(("finetune packing: padding ≤ 2%", summary["finetune_packed"]["padding_fraction"]["median"],
-                        0.02, False))
-    for mine in ("finetune", "finetune_packed"):
-        if {mine, "hf_trainer"} <= summary.keys():
-            targets.append((f"{SYSTEMS[mine]} peak RSS ≤ HF Trainer's",
-                            ratio(summary, mine, "hf_trainer", "peak_rss_mb"), 1.0, False))
+    for precision in PRECISIONS:
+        mine, loop = f"finetune@{precision}", f"loop@{precision}"
+        if {mine, loop} <= summary.keys():
+            targets.append((f"{SYSTEMS[mine]} tokens/s ≥ 0.97 × {SYSTEMS[loop]}",
+                            ratio(summary, mine, loop, "real_tokens_per_s"), 0.97, True))
+    if {"finetune@bf16", "finetune@fp32"} <= summary.keys():
+        targets.append(("finetune bf16 tokens/s ≥ 1.8 × fp32",
+                        ratio(summary, "finetune@bf16", "finetune@fp32", "real_tokens_per_s"), 1.8, True))
+        targets.append(("finetune bf16 peak RSS ≤ 0.65 × fp32",
+                        ratio(summary, "finetune@bf16", "finetune@fp32", "peak_rss_mb"), 0.65, False))
+    for precision in PRECISIONS:
+        for other, packed in (("hf_trainer", False), ("trl", False), ("trl_packed", True)):
+            mine, theirs = f"finetune{'_packed' if packed else ''}@{precision}", f"{other}@{precision}"
+            if {mine, theirs} <= summary.keys() and theirs not in errors:
+                targets.append((f"{SYSTEMS[mine]} tokens/s ≥ 1.0 × {SYSTEMS[theirs]}",
+                                ratio(summary, mine, theirs, "real_tokens_per_s"), 1.0, True))
+    if "finetune_packed@bf16" in summary:
+        targets.append(("finetune packing: padding ≤ 2%",
+                        summary["finetune_packed@bf16"]["padding_fraction"]["median"], 0.02, False))
     for text, value, bound, at_least in targets:
         met = value >= bound if at_least else value <= bound
         lines.append(f"- {text}: {value:.3f} — {'met' if met else 'MISSED'}")

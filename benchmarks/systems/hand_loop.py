@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from benchmarks.meter import StepMeter
 
 
 def train(model: Any, batches: Iterable[dict[str, Any]], steps: int, lr: float, weight_decay: float,
-          meter: StepMeter) -> None:
-    """`steps` optimizer steps, one batch each."""
+          meter: StepMeter, autocast: Optional[Any] = None) -> None:
+    """`steps` optimizer steps, one batch each; the forward under CPU autocast to the dtype `autocast` if given."""
+    import contextlib
+
     import torch
 
     from finetune.schedule import LinearWarmupDecay
@@ -22,7 +24,8 @@ def train(model: Any, batches: Iterable[dict[str, Any]], steps: int, lr: float, 
     for step, batch in enumerate(batches, start=1):
         meter.begin_step()
         meter.record(batch)
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext():
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         schedule.step()
