@@ -47,6 +47,9 @@ def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool =
         # Lightning reports by listing every backbone weight; missing trained weights are refused on load.
         warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
         module = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    if module.quantization:  # (the adapter merges into the weights it trained against, dense)
+        bits, module = module.quantization, module.dequantized()
+        print(f"Dequantized the {bits} backbone into {str(module.compute_dtype).removeprefix('torch.')} to merge into")
     model, out = module.model, Path(output_dir)
     if adapter and isinstance(model, PeftModel):
         shutil.rmtree(out / "adapter", ignore_errors=True)

@@ -132,12 +132,6 @@ def test_cli_prints_input_errors_without_a_traceback(tiny_bert, toy_files, tmp_p
     assert "Traceback" not in err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
-def test_quantization_without_cuda_stops_with_a_clear_message(tiny_bert):
-    with pytest.raises(InputError, match=r"model.quantization='4bit' needs a CUDA GPU \(bitsandbytes\)"):
-        built(tiny_bert, LoraSettings(), quantization="4bit")
-
-
 def test_strategy_configs_compose_with_task_configs(capsys):
     configs = Path(__file__).parents[1] / "configs"
     for strategy in ("ddp", "qlora"):
