@@ -227,3 +227,34 @@ def test_smollm2_qlora_fit_predict_and_export_merge_into_the_dequantized_weights
                                                                              for r in rows], batch_size=1)
     # bf16 rounds the 4-bit kernel's products and the dense merged weights' differently: a near tie may flip
     assert sum(a["generated_text"] == b for a, b in zip(again, predicted)) >= 7, (again, predicted)
+
+
+@pytest.mark.slow
+def test_qlora_run_killed_mid_epoch_resumes_to_the_uninterrupted_result_and_serves(llama64, toy, tmp_path):
+    from finetune.serve.hosting import Hosted
+
+    common = ("--model.quantization=4bit", "--model.backbone_dtype=bfloat16", "--trainer.max_epochs=3",
+              "--trainer.callbacks+=ModelCheckpoint", "--trainer.callbacks.every_n_train_steps=2",
+              "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0")
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_fit(llama64, toy, whole, *common, f"--trainer.callbacks.dirpath={whole}/checkpoints")
+    args = fit_args(llama64, toy, parts, "--trainer.max_epochs=2", *common, f"--trainer.callbacks.dirpath={parts}/"
+                    "checkpoints", "--trainer.callbacks+=interrupt.SignalAtStep", "--trainer.callbacks.step=5")
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-m", "finetune", *args], env=env, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    run_fit(llama64, toy, parts, *common, f"--trainer.callbacks.dirpath={parts}/checkpoints",
+            f"--ckpt_path={parts}/checkpoints/last.ckpt")
+    expected = torch.load(whole / "checkpoints" / "last.ckpt", weights_only=True)
+    resumed = torch.load(parts / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == expected["global_step"] == 8  # (the last periodic checkpoint of 9 steps)
+    for key, value in expected["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    # the server answers as `finetune predict`'s path does, from the quantized checkpoint
+    hosted = Hosted([("default", str(parts / "checkpoints" / "last.ckpt"))])
+    rows = [{"text": row["text"]} for row in make_rows(6, seed=5)]
+    module = FineTuneModule.load_from_checkpoint(str(parts / "checkpoints" / "last.ckpt"), map_location="cpu",
+                                                 weights_only=True).eval()
+    with module.autocast():
+        direct = predict_rows(module.task, module.model, module.tokenizer, rows)
+    assert hosted.predict([("default", row) for row in rows]) == direct
