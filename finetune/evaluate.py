@@ -41,6 +41,7 @@ class Benchmarks:
         apply_chat_template: render each prompt with the tokenizer's chat template, as lm-eval's
             `--apply_chat_template` does (for chat models; published base-model figures are without it).
         fewshot_as_multiturn: with the chat template, the few-shot examples as earlier turns of the conversation.
+        max_gen_toks: the most tokens a generation task generates per answer; null: the task's (lm-eval: 256).
     """
 
     tasks: Union[list[str], str] = field(default_factory=list)
@@ -51,6 +52,7 @@ class Benchmarks:
     num_fewshot: Optional[int] = None
     apply_chat_template: bool = False
     fewshot_as_multiturn: bool = False
+    max_gen_toks: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tasks, str):  # `--tasks piqa_local,gsm8k_local`
@@ -68,6 +70,8 @@ class Benchmarks:
             raise InputError(f"batch_size: {self.batch_size} is not a positive number of examples")
         if self.num_fewshot is not None and self.num_fewshot < 0:
             raise InputError(f"num_fewshot: {self.num_fewshot} is negative")
+        if self.max_gen_toks is not None and self.max_gen_toks < 1:
+            raise InputError(f"max_gen_toks: {self.max_gen_toks} is not a positive number of tokens")
         if self.fewshot_as_multiturn and not self.apply_chat_template:
             raise InputError("fewshot_as_multiturn: needs apply_chat_template: true (the turns are chat turns)")
 
@@ -107,6 +111,7 @@ class Benchmarks:
                 model=language_model, tasks=list(self.tasks), task_manager=manager or self.task_manager(),
                 limit=self.limit, num_fewshot=self.num_fewshot, batch_size=self.batch_size,
                 apply_chat_template=self.apply_chat_template, fewshot_as_multiturn=self.fewshot_as_multiturn,
+                gen_kwargs=None if self.max_gen_toks is None else {"max_gen_toks": self.max_gen_toks},
             )
 
 
