@@ -30,8 +30,8 @@ class Benchmarks:
     """Which lm-eval tasks to run, on which data, and how.
 
     Args:
-        tasks: lm-eval task names (a list, or comma-separated): the local ones of `include_path` (configs/lm_eval: `piqa_local`, `gsm8k_local`),
-            or any task lm-eval ships (those download their data set from the Hugging Face Hub).
+        tasks: lm-eval task names (a list, or comma-separated): the local ones of `include_path` (configs/lm_eval:
+            `piqa_local`, `gsm8k_local`), or any task lm-eval ships (those download their data from the Hub).
         include_path: a directory of lm-eval task YAMLs, searched before lm-eval's own tasks (configs/lm_eval).
         data_dir: the directory the local tasks read their files from (lm-eval metadata `data_dir`): configs/lm_eval's
             read piqa/validation.jsonl, gsm8k/train.jsonl and gsm8k/validation.jsonl under it.
