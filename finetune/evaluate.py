@@ -12,12 +12,13 @@ object; during a fit in several processes the first process evaluates (see `fine
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from finetune.errors import InputError, with_article
 from finetune.preflight import unwritable
@@ -122,23 +123,17 @@ def require_lm_eval() -> None:
         raise InputError(f"finetune evaluate needs lm-eval: {INSTALL}") from err
 
 
-class task_data_errors:
+@contextlib.contextmanager
+def task_data_errors(tasks: list[str]) -> Iterator[None]:
     """A task whose data cannot be read (configs/lm_eval's loader raises FileNotFoundError, naming the file) is
     reported as an InputError naming the tasks."""
+    from finetune.files import no_progress_bars
 
-    def __init__(self, tasks: list[str]) -> None:
-        self.tasks = tasks
-
-    def __enter__(self) -> None:
-        from finetune.files import no_progress_bars
-
-        self.quiet = no_progress_bars()  # ("Generating validation split" for a local file says nothing)
-        self.quiet.__enter__()
-
-    def __exit__(self, kind: Any, err: Optional[BaseException], traceback: Any) -> None:
-        self.quiet.__exit__(kind, err, traceback)
-        if isinstance(err, FileNotFoundError):
-            raise InputError(f"tasks {', '.join(self.tasks)}: {err}") from err
+    try:
+        with no_progress_bars():  # ("Generating validation split" for a local file says nothing)
+            yield
+    except FileNotFoundError as err:
+        raise InputError(f"tasks {', '.join(tasks)}: {err}") from err
 
 
 def language_model(model: Any, tokenizer: Any, batch_size: int) -> Any:
@@ -231,9 +226,9 @@ def evaluate(
         overwrite: replace an existing `output` file.
         trust_remote_code: allow a backbone to run code from its repository (off: only for repositories you trust).
     """
+    require_lm_eval()
     from lm_eval.utils import handle_non_serializable, make_table
 
-    require_lm_eval()
     path = results_file(ckpt_path, output, overwrite)
     manager = benchmarks.check()
     model, tokenizer, source = load_source(ckpt_path, backbone, trust_remote_code)

@@ -4,6 +4,7 @@ backbone and on the exported merged model, during a fit, offline, and the errors
 import csv
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -169,3 +170,31 @@ def test_smollm2_piqa_equals_lm_evals_own_command_line_on_the_exported_model(smo
     assert ours["eval/piqa_local/acc"] == theirs["acc,none"] and ours["eval/piqa_local/acc_norm"] == theirs[
         "acc_norm,none"]
     assert not math.isnan(ours["eval/piqa_local/acc"])
+
+
+@pytest.mark.slow
+def test_benchmarks_during_a_fit_in_two_processes_are_those_of_one(tiny_llama, data_dir, tmp_path):
+    """DDP over gloo: the first process evaluates, every process logs its numbers; they are the checkpoint's."""
+    rows = [{"messages": [{"role": "user", "content": " ".join(POSITIVE[i:i + 3])},
+                          {"role": "assistant", "content": " ".join(NEGATIVE[i:i + 3])}]} for i in range(8)]
+    config = tmp_path / "benchmarks.yaml"
+    config.write_text(json.dumps({"trainer": {"callbacks": [{
+        "class_path": "finetune.benchmark_callback.BenchmarkEvaluation",
+        "init_args": {"benchmarks": {"tasks": ["piqa_local"], "include_path": CONFIGS, "data_dir": data_dir}}}]}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    fit = subprocess.run(
+        [sys.executable, "-m", "finetune", "fit", f"--config={config}", f"--model.backbone={tiny_llama}",
+         "--model.task=InstructionTuning", f"--data.train_file={write_jsonl(tmp_path / 'train.jsonl', rows * 4)}",
+         "--data.batch_size=4", "--model.optimizer.lr=0.02", "--trainer.max_epochs=2", "--trainer.accelerator=cpu",
+         "--trainer.devices=2", "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path}/two",
+         "--trainer.enable_progress_bar=false", "--seed_everything=0"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (metrics,) = (tmp_path / "two").rglob("metrics.csv")
+    logged = [row for row in csv.DictReader(metrics.open()) if row.get("eval/piqa_local/acc")]
+    assert [int(row["epoch"]) for row in logged] == [0, 1]
+    (ckpt,) = (tmp_path / "two").rglob("*.ckpt")
+    one = metric_values(evaluate(benchmarks(data_dir, tasks=["piqa_local"]), ckpt_path=str(ckpt),
+                                 output=str(tmp_path / "one.json")))
+    for name in ("eval/piqa_local/acc", "eval/piqa_local/acc_norm"):
+        assert float(logged[-1][name]) == pytest.approx(one[name], abs=1e-6), name
