@@ -154,7 +154,7 @@ def test_bad_input_is_named(tiny_llama, data_dir, tmp_path, monkeypatch, capsys)
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHARED / "data" / "piqa").is_dir(), reason="needs ../shared/data")
-def test_smollm2_piqa_equals_lm_evals_own_command_line_on_the_exported_model(smollm2, tmp_path):
+def test_smollm2_piqa_equals_lm_evals_own_command_line_on_the_same_model_directory(smollm2, tmp_path):
     """SmolLM2-135M-Instruct on the first 40 rows of the shared PIQA: finetune evaluate and `lm_eval` agree."""
     path, _ = smollm2
     options = {"tasks": ["piqa_local"], "include_path": CONFIGS, "data_dir": str(SHARED / "data"), "limit": 40,
