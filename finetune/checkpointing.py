@@ -121,6 +121,19 @@ def read_checkpoint(path: str) -> Optional[dict[str, Any]]:
     return checkpoint
 
 
+def load_module(path: str) -> Any:
+    """The FineTuneModule of a checkpoint (its backbone, with the trained weights of the checkpoint), on the CPU."""
+    import warnings
+
+    from finetune.module import FineTuneModule
+
+    with warnings.catch_warnings():
+        # A checkpoint holds only the trained weights (the frozen backbone comes from model.backbone), which
+        # Lightning reports by listing every backbone weight; missing trained weights are refused on load.
+        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
+        return FineTuneModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+
+
 def check_checkpoint(path: str, model_config: Any = None, checkpoint: Optional[dict[str, Any]] = None) -> None:
     """Before anything loads: `path` is a finetune checkpoint of the current format (`checkpoint`: as
     `read_checkpoint` read it already), and of the task the config names (if it names one)."""

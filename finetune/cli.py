@@ -21,9 +21,10 @@ if TYPE_CHECKING:
 DESCRIPTION = """Fine-tune Hugging Face models with LoRA.
 
 Also: `finetune tasks` lists the registered tasks; `finetune export --ckpt_path C --output_dir D`
-writes a PEFT adapter and a merged model from a checkpoint; `finetune serve --ckpt_path C` serves it over HTTP."""
+writes a PEFT adapter and a merged model from a checkpoint; `finetune serve --ckpt_path C` serves it over HTTP;
+`finetune evaluate --ckpt_path C --tasks T` runs lm-eval benchmarks on it."""
 
-USAGE = """usage: finetune [-h] {fit,validate,test,predict,tasks,export,serve} ...
+USAGE = """usage: finetune [-h] {fit,validate,test,predict,tasks,export,serve,evaluate} ...
 
 Fine-tune Hugging Face models with LoRA.
 
@@ -38,6 +39,9 @@ commands:
   serve      an HTTP server (LitServe): POST /predict, GET /health and, for generation
              tasks, the OpenAI chat API; several LoRA adapters on one base model
              (finetune serve --ckpt_path CKPT [--adapter NAME=CKPT ...]; pip install 'finetune[serve]')
+  evaluate   standard benchmarks through lm-eval on a checkpoint (its adapter in memory) or a model
+             (finetune evaluate --ckpt_path CKPT --tasks piqa_local --include_path configs/lm_eval
+             --data_dir DIR; pip install 'finetune[eval]')
 
 Every option of the model, the data and the Trainer is a flag and a config key; to see them:
   finetune fit --help
@@ -104,6 +108,10 @@ def run_command(argv: list[str], args: Optional[list[str]]) -> int:
             from finetune.serve import main as serve
 
             serve(argv[1:])
+        elif argv[:1] == ["evaluate"]:
+            from finetune.evaluate import main as evaluate
+
+            evaluate(argv[1:])
         elif argv[:1] == ["export"]:
             from jsonargparse import CLI
 

@@ -35,6 +35,13 @@ KNOWN_HARMLESS = [
     ("transformers.integrations.bitsandbytes", "The modules are dequantized in"),
     # datasets, before the reader fails: finetune's own message names the line and the cause.
     ("datasets.packaged_modules.json.json", "Failed to load JSON from file"),
+    # lm-eval, given the model object `finetune evaluate` evaluates in one process (only batch_size and the
+    # tokenizer are passed, and honoured), and its tip, for the tasks of configs/lm_eval, that metadata reaches
+    # their data loader (finetune passes data_dir so).
+    ("lm_eval.models.huggingface", "`pretrained` model kwarg is not of type `str`."),
+    ("lm_eval.models.huggingface", "Passed an already-initialized model through `pretrained`"),
+    ("lm_eval.api.task", "piqa_local: Custom kwargs can be passed to `--metadata`"),
+    ("lm_eval.api.task", "gsm8k_local: Custom kwargs can be passed to `--metadata`"),
 ]
 
 #: Deprecation warnings raised inside other libraries about their own use of a third one (the fix is theirs):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 
 from finetune.errors import InputError
@@ -37,16 +36,11 @@ def export(ckpt_path: str, output_dir: str, adapter: bool = True, merged: bool =
     """
     from peft import PeftModel  # (imported here: a bad output_dir is reported before seconds of imports)
 
-    from finetune.checkpointing import check_checkpoint
-    from finetune.module import FineTuneModule
+    from finetune.checkpointing import check_checkpoint, load_module
 
     check_output_dir(output_dir, overwrite)
     check_checkpoint(ckpt_path)
-    with warnings.catch_warnings():
-        # A checkpoint holds only the trained weights (the frozen backbone comes from model.backbone), which
-        # Lightning reports by listing every backbone weight; missing trained weights are refused on load.
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
-        module = FineTuneModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    module = load_module(ckpt_path)
     if module.quantization:  # (the adapter merges into the weights it trained against, dense)
         bits, module = module.quantization, module.dequantized()
         print(f"Dequantized the {bits} backbone into {str(module.compute_dtype).removeprefix('torch.')} to merge into")

@@ -6,9 +6,9 @@ import dataclasses
 import json
 import queue
 import threading
-import warnings
 from typing import Any, Iterator, Optional
 
+from finetune.checkpointing import load_module
 from finetune.errors import InputError
 from finetune.pipeline import predict_rows
 from finetune.precision import autocast
@@ -17,15 +17,6 @@ from finetune.serve.checks import ChatWork
 
 #: Rows of one /predict request are run in passes of at most this many features.
 PASS_SIZE = 32
-
-
-def load_module(ckpt: str) -> Any:
-    """The FineTuneModule of a checkpoint, as `finetune predict` loads it (serve loads weights only here)."""
-    from finetune.module import FineTuneModule
-
-    with warnings.catch_warnings():  # (as `finetune export`: the frozen backbone is not in checkpoints)
-        warnings.filterwarnings("ignore", message="Found keys that are in the model state dict but not in the")
-        return FineTuneModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
 
 
 class Routed:
