@@ -1,6 +1,7 @@
-"""TRL's `SFTTrainer` (through the Trainer runner, its base class): in the precision the settings say (`bf16`: SFTConfig's
-default is on) and without gradient checkpointing (SFTConfig's default is on), plain, packed (TRL's "bfd" strategy: the whole data set in rows of
-max_length, trained padding-free) or padding-free without packing (all examples of a batch in one row)."""
+"""TRL's `SFTTrainer` (through the Trainer runner, its base class): in the precision the settings say (`bf16`;
+SFTConfig's default is on) and without gradient checkpointing (SFTConfig's default is on), plain, packed (TRL's
+"bfd" strategy: the whole data set in rows of max_length, trained padding-free) or padding-free without packing
+(all examples of a batch in one row)."""
 
 from __future__ import annotations
 
