@@ -303,7 +303,8 @@ class GRPO(Task):
 
     def step_logs(self, outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Reward mean and std per function and of the total, completion length, clipped share, KL."""
-        token = self.token_losses(outputs, batch)
+        with torch.no_grad():
+            token = self.token_losses(outputs, batch)
         tokens = token["mask"].sum()
         logs = {"completion_length": float(tokens / len(token["mask"])),
                 "clip_fraction": float(token["clipped"].sum() / tokens.clamp(min=1))}

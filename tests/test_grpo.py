@@ -115,7 +115,8 @@ def test_kl_and_clipping_are_trls_formulas(tiny_llama):
     torch.manual_seed(0)
     batch = rolled_out(module, data_batch(module, sums(2)), 0)
     batch["old_logps"] = batch["old_logps"] + 0.3 * torch.randn(batch["old_logps"].shape)
-    policy, reference = module.task_outputs(batch)
+    with torch.no_grad():
+        policy, reference = module.task_outputs(batch)
     mask = batch["labels"][:, 1:] != IGNORE
     ratio = torch.exp(policy - batch["old_logps"])[mask]
     kl = (torch.exp(reference - policy) - (reference - policy) - 1)[mask] * ratio
@@ -274,3 +275,39 @@ def test_cli_fit_logs_rewards_samples_and_timings(tiny_llama, tmp_path):
     assert [s["step"] for s in samples] == [0, 0, 0, 0, 2, 2, 2, 2]  # every 2nd of 4 steps, 2 prompts x 2
     assert set(samples[0]) == {"step", "index", "prompt", "completion", "rewards", "advantage"}
     assert set(samples[0]["rewards"]) == {"final_answer", "length_penalty"}
+
+
+def test_resume_mid_rollout_is_exact(tiny_llama, tmp_path):
+    """Stopped at step 3 of 6, where the rollout of step 2 is still in use (num_iterations 2), a resumed run samples
+    the same completions and ends with the same weights: the rollout is checkpointed, and sampling is seeded by the
+    step."""
+    from finetune.cli import run
+
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", sums(n, seed)) for split, n, seed in
+             (("train", 12, 0), ("val", 2, 1))}
+    task = {"class_path": "tasks.verifiable_rewards.GRPO",
+            "init_args": {"reward_functions": ["length_penalty"], "num_generations": 2, "num_iterations": 2,
+                          "beta": 0.1, "samples_every_n_steps": 1,
+                          "generation": {"max_new_tokens": 6, "do_sample": True}}}
+
+    def fit(root, *extra):
+        callback = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(root / "checkpoints"), "filename": "{step}",
+                                  "every_n_train_steps": 1, "save_top_k": -1}}
+        run(["fit", f"--model.backbone={tiny_llama}", f"--model.task={json.dumps(task)}",
+             f"--data.train_file={files['train']}", f"--data.val_file={files['val']}", "--data.batch_size=2",
+             "--model.optimizer.lr=0.05", "--model.lora.target_modules=all-linear", "--trainer.max_steps=6",
+             f"--trainer.callbacks={json.dumps([callback])}", "--trainer.logger=CSVLogger",
+             f"--trainer.logger.save_dir={root / 'logs'}", f"--trainer.default_root_dir={root}",
+             "--trainer.enable_progress_bar=false", "--seed_everything=0", *extra])
+        return [json.loads(line) for line in next((root / "logs").rglob("samples.jsonl")).read_text().splitlines()]
+
+    whole = fit(tmp_path / "whole")
+    resumed = fit(tmp_path / "resumed", f"--ckpt_path={tmp_path / 'whole' / 'checkpoints' / 'step=3.ckpt'}")
+    assert {s["step"] for s in resumed} == {4}  # (step 3 reused step 2's rollout, from the checkpoint)
+    assert [s for s in whole if s["step"] == 4] == resumed
+    expected = torch.load(tmp_path / "whole" / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
+    found = torch.load(tmp_path / "resumed" / "checkpoints" / "step=6.ckpt", weights_only=True)["state_dict"]
+    assert expected.keys() == found.keys()
+    for key in expected:
+        torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0)
