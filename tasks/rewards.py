@@ -1,7 +1,8 @@
 """Reward functions of the verifiable-rewards task (`tasks/verifiable_rewards.py`), and how a config names them.
 
 A reward function is a Python callable `f(prompts, completions, **columns) -> list[float | None]`: the prompts
-(each as its row holds it: a text or a conversation), the generated completions (texts), and every other column
+(each as its row holds it: a text or a conversation), the generated completions (texts; the built-in functions
+also read TRL's form, a list of messages), and every other column
 of the rows as a keyword argument (a list aligned with the completions); it returns one reward per completion, or
 None where it does not apply (a completion no reward function scores is left out of its group's normalisation).
 Extra keyword arguments are ignored by taking `**columns`. A config names one by import path
@@ -48,6 +49,11 @@ def reward_function(name: str) -> RewardFunction:
     return function
 
 
+def text_of(completion: Any) -> str:
+    """A completion's text: as it is, or the content of a conversation's last message (as TRL passes them)."""
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
 def number(text: str) -> Optional[float]:
     """A number as written in a completion (`1,234`, `-3.5`, `$12`), or None."""
     try:
@@ -65,28 +71,28 @@ def extracted_answer(completion: str) -> Optional[float]:
     return None
 
 
-def final_answer(prompts: list, completions: list[str], final_answer: list[Any], **columns: Any) -> list[float]:
+def final_answer(prompts: list, completions: list, final_answer: list[Any], **columns: Any) -> list[float]:
     """1.0 where the completion's final answer (`extracted_answer`) equals the row's `final_answer` number."""
     rewards = []
     for completion, expected in zip(completions, final_answer):
         target = number(str(expected))
         if target is None:
             raise ValueError(f"final_answer {expected!r} is not a number")
-        found = extracted_answer(completion)
+        found = extracted_answer(text_of(completion))
         rewards.append(1.0 if found is not None and abs(found - target) < 1e-6 else 0.0)
     return rewards
 
 
-def answer_format(prompts: list, completions: list[str], pattern: str = rf"####\s*{NUMBER}\s*$",
+def answer_format(prompts: list, completions: list, pattern: str = rf"####\s*{NUMBER}\s*$",
                   **columns: Any) -> list[float]:
     """1.0 where the completion matches the regular expression `pattern` (searched, multi-line, dot-all)."""
     compiled = re.compile(pattern, re.MULTILINE | re.DOTALL)
-    return [1.0 if compiled.search(completion) else 0.0 for completion in completions]
+    return [1.0 if compiled.search(text_of(completion)) else 0.0 for completion in completions]
 
 
-def length_penalty(prompts: list, completions: list[str], max_characters: int = 400, **columns: Any) -> list[float]:
+def length_penalty(prompts: list, completions: list, max_characters: int = 400, **columns: Any) -> list[float]:
     """-len(completion) / max_characters, at least -1: shorter completions are preferred."""
-    return [-min(len(completion) / max_characters, 1.0) for completion in completions]
+    return [-min(len(text_of(completion)) / max_characters, 1.0) for completion in completions]
 
 
 BUILT_IN: dict[str, RewardFunction] = {"final_answer": final_answer, "answer_format": answer_format,

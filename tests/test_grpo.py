@@ -201,6 +201,7 @@ def test_built_in_rewards():
     assert final_answer([], ["#### 12", "12 apples", "13", "x"], final_answer=["12", "12", "12", "12"]) == \
         [1.0, 1.0, 0.0, 0.0]
     assert answer_format([], ["so\n#### 12", "12", "#### 12 dollars"]) == [1.0, 0.0, 0.0]
+    assert final_answer([], [[{"role": "assistant", "content": "so 12"}]], final_answer=[12]) == [1.0]  # (TRL's form)
     assert length_penalty([], ["a" * 200, "a" * 1000]) == [-0.5, -1.0]
 
 
