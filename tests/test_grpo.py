@@ -312,3 +312,20 @@ def test_resume_mid_rollout_is_exact(tiny_llama, tmp_path):
     assert expected.keys() == found.keys()
     for key in expected:
         torch.testing.assert_close(found[key], expected[key], rtol=0, atol=0)
+
+
+def test_config_file_fits(tiny_llama, tmp_path):
+    from conftest import REPO
+    from finetune.cli import run
+
+    files = {split: write_jsonl(tmp_path / f"{split}.jsonl", sums(n, seed)) for split, n, seed in
+             (("train", 4, 0), ("val", 2, 1))}
+    cli = run(["fit", "--config", str(REPO / "configs" / "grpo.yaml"), f"--model.backbone={tiny_llama}",
+               f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
+               "--model.task.init_args.prompt_column=prompt", "--model.task.init_args.num_generations=2",
+               "--model.task.init_args.generation.max_new_tokens=4", "--trainer.max_steps=1",
+               "--trainer.val_check_interval=1", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
+    assert cli.trainer.global_step == 1
+    assert cli.model.task.reward_functions == ["final_answer", "answer_format"]
+    assert "val/reward_final_answer" in cli.trainer.callback_metrics
