@@ -329,3 +329,4 @@ def test_config_file_fits(tiny_llama, tmp_path):
     assert cli.trainer.global_step == 1
     assert cli.model.task.reward_functions == ["final_answer", "answer_format"]
     assert "val/reward_final_answer" in cli.trainer.callback_metrics
+
