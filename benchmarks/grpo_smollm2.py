@@ -10,8 +10,8 @@ tokens per completion) is not. Held-out problems are pairs never trained on.
 1. held-out greedy accuracy before training and after each epoch, the per-step reward curve, sample completions
    before and after;
 2. throughput: seconds per step and per rollout, completions per second, and the peak resident memory of
-   `finetune` and of TRL's GRPOTrainer (same model, prompts, G, max new tokens, LoRA, sampling; fp32; each in
-   a fresh process).
+   `finetune` and of TRL's GRPOTrainer (same model, prompts, G, max new tokens, LoRA, sampling; fp32, no gradient
+   checkpointing; each in a fresh process).
 
     python -m benchmarks.grpo_smollm2            # ~25 min on 2 CPU cores (defaults)
 """
@@ -114,10 +114,11 @@ def trl_steps(args: argparse.Namespace) -> None:
         def on_step_end(self, *unused, **kwargs):
             ends.append(time.perf_counter())
 
-    config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-trl-"), per_device_train_batch_size=args.prompts * args.G,
-                        num_generations=args.G, max_completion_length=args.max_new_tokens, max_steps=args.steps,
+    config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-trl-"),
+                        per_device_train_batch_size=args.prompts * args.G, num_generations=args.G, max_completion_length=args.max_new_tokens, max_steps=args.steps,
                         learning_rate=args.lr, temperature=args.temperature, top_k=0, top_p=1.0,
-                        report_to=[], use_cpu=True, bf16=False, logging_steps=1, save_strategy="no", seed=0)
+                        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1,
+                        save_strategy="no", seed=0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[final_answer], args=config, train_dataset=data,
                           processing_class=tokenizer, peft_config=lora)

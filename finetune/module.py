@@ -228,7 +228,7 @@ class FineTuneModule(LightningModule):
             self.rollouts[slot] = rollout
             self.log("train/rollout_seconds", time.perf_counter() - start, on_step=True, on_epoch=False)
         self.rollout_end = time.perf_counter()
-        return self.rollouts[slot]
+        return {key: value.to(self.device) for key, value in self.rollouts[slot].items()}  # (a checkpoint's: on CPU)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.rollouts:  # (the training time of a step, apart from its rollout's)

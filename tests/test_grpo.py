@@ -70,8 +70,10 @@ def trl_inputs(batch, old_logps, reference_logps, pad_id) -> dict:
         return torch.tensor([[value] * (n - len(r)) + r if on_left else r + [value] * (n - len(r))
                              for r, n in ((r, left if on_left else width) for r in rows)])
 
-    return {"prompt_ids": padded(prompts, pad_id, True), "prompt_mask": padded([[1] * len(p) for p in prompts], 0, True),
-            "completion_ids": padded(completions, pad_id), "completion_mask": padded([[1] * len(c) for c in completions], 0),
+    return {"prompt_ids": padded(prompts, pad_id, True),
+            "prompt_mask": padded([[1] * len(p) for p in prompts], 0, True),
+            "completion_ids": padded(completions, pad_id),
+            "completion_mask": padded([[1] * len(c) for c in completions], 0),
             "old_per_token_logps": padded(olds, 0.0), "ref_per_token_logps": padded(references, 0.0),
             "advantages": batch["advantages"], "num_items_in_batch": targets.sum()}
 
