@@ -115,10 +115,10 @@ def trl_steps(args: argparse.Namespace) -> None:
             ends.append(time.perf_counter())
 
     config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-trl-"),
-                        per_device_train_batch_size=args.prompts * args.G, num_generations=args.G, max_completion_length=args.max_new_tokens, max_steps=args.steps,
-                        learning_rate=args.lr, temperature=args.temperature, top_k=0, top_p=1.0,
-                        report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False, logging_steps=1,
-                        save_strategy="no", seed=0)
+                        per_device_train_batch_size=args.prompts * args.G, num_generations=args.G,
+                        max_completion_length=args.max_new_tokens, max_steps=args.steps, learning_rate=args.lr,
+                        temperature=args.temperature, top_k=0, top_p=1.0, report_to=[], use_cpu=True, bf16=False,
+                        gradient_checkpointing=False, logging_steps=1, save_strategy="no", seed=0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[final_answer], args=config, train_dataset=data,
                           processing_class=tokenizer, peft_config=lora)
