@@ -90,7 +90,7 @@ def test_loss_equals_trl_grpo_trainer(tiny_llama, tmp_path, loss_type):
     task = module.task
     torch.manual_seed(1)
     batch = rolled_out(module, data_batch(module, sums(3)), 0)
-    assert batch["advantages"].abs().min() > 0.1  # (the completions' lengths differ: so do their rewards)
+    assert (batch["advantages"] != 0).all()  # (the completions' lengths differ: so do their rewards)
     # Old log-probabilities off the current ones (as after an update), so that ratios are clipped both ways.
     gen = torch.Generator().manual_seed(2)
     batch["old_logps"] = batch["old_logps"] + torch.randn(batch["old_logps"].shape, generator=gen) * 0.2
