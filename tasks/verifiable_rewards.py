@@ -104,7 +104,8 @@ class GRPO(Task):
         epsilon: the probability ratio is clipped below at 1 - epsilon.
         epsilon_high: and above at 1 + epsilon_high (None: epsilon; DAPO uses 0.28).
         num_iterations: optimizer steps per rollout: one sampling serves that many steps, its ratios taken to
-            the log-probabilities of the model that sampled it (mu in the GRPO paper).
+            the log-probabilities of the model that sampled it (mu in the GRPO paper). The data's batches of the
+            steps in between are not rolled out: an epoch samples 1 / num_iterations of the prompts.
         beta: weight of the KL term to the reference (the backbone with the adapter switched off); 0: none.
         samples_every_n_steps: every N optimizer steps the rollout's prompts, completions, rewards and advantages
             are appended to `samples.jsonl` in the run's log directory (0: never).
