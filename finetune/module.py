@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
 import os
+import time
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -85,6 +87,8 @@ class FineTuneModule(LightningModule):
         self.allow_pickle_weights = allow_pickle_weights
         self.skipped_batches = 0
         self.resumed_epoch: Optional[dict[str, Any]] = None  # (from a checkpoint saved mid-epoch)
+        self.rollouts: dict[int, dict[str, Any]] = {}  # (a rollout task's batches being reused, by micro-batch)
+        self.rollout_end = 0.0  # (when the step's rollout ended: what follows is training)
         # Loaded now, so a wrong backbone fails before any data is read; the weights load in
         # `configure_model`, once the data has told the task what it needs (e.g. the label count).
         self.backbone_config, self.tokenizer = load_config_and_tokenizer(backbone, trust_remote_code)
@@ -175,6 +179,9 @@ class FineTuneModule(LightningModule):
         with self.autocast():
             outputs = self.task_outputs(batch)
         loss = self.task.loss(outputs, batch)
+        if stage == "train":
+            for name, value in self.task.step_logs(outputs, batch).items():
+                self.log(f"train/{name}", float(value), on_step=True, on_epoch=False, sync_dist=True)
         if self.computes_metrics(stage):
             with self.autocast():  # (generation tasks generate here)
                 self.task.update_metrics(self.metrics[f"{stage}_metrics"], outputs, batch, self.model, self.tokenizer)
@@ -225,7 +232,39 @@ class FineTuneModule(LightningModule):
             metric.unsync(should_unsync=self.trainer.world_size > 1)
         return {"epoch": self.current_epoch, "loss_totals": self.epoch_totals.clone(), "metric_states": metric_states}
 
+    def rollout_batch(self, batch: dict[str, Any], batch_idx: int, stage: str = "train") -> dict[str, Any]:
+        """The batch a task that trains on what the model generates makes with it (`Task.rollout`): in training
+        made at the first of every `rollout_steps()` optimizer steps and reused (and checkpointed) until then."""
+        if type(self.task).rollout is Task.rollout:
+            return batch
+        if stage != "train":
+            with torch.no_grad():
+                rollout = self.task.rollout(self.model, batch, self.tokenizer, None)
+            return batch if rollout is None else rollout
+        slot = batch_idx % self.trainer.accumulate_grad_batches
+        if self.global_step % self.task.rollout_steps() == 0 or slot not in self.rollouts:
+            start = time.perf_counter()
+            self.model.eval()
+            with torch.no_grad():
+                rollout = self.task.rollout(self.model, batch, self.tokenizer, self.global_step)
+            self.model.train()
+            if rollout is None:
+                return batch
+            samples = rollout.pop("samples", None)
+            if samples and self.global_rank == 0 and self.trainer.log_dir:
+                with open(os.path.join(self.trainer.log_dir, "samples.jsonl"), "a", encoding="utf-8") as file:
+                    file.writelines(json.dumps({"step": self.global_step, **row}) + "\n" for row in samples)
+            self.rollouts[slot] = rollout
+            self.log("train/rollout_seconds", time.perf_counter() - start, on_step=True, on_epoch=False)
+        self.rollout_end = time.perf_counter()
+        return {key: value.to(self.device) for key, value in self.rollouts[slot].items()}  # (a checkpoint's: on CPU)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.rollouts:  # (the training time of a step, apart from its rollout's)
+            self.log("train/train_seconds", time.perf_counter() - self.rollout_end, on_step=True, on_epoch=False)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch = self.rollout_batch(batch, batch_idx)
         loss = self._step(batch, "train")
         finite = bool(torch.isfinite(loss))  # (one host sync per step: the price of stopping at the bad step)
         if self.trainer.world_size > 1:  # every process takes the same decision, or the others hang in all-reduce
@@ -269,10 +308,10 @@ class FineTuneModule(LightningModule):
         self.log("train/loss", loss_sum / items, on_step=True, on_epoch=False, prog_bar=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "val")
+        self._step(self.rollout_batch(batch, batch_idx, "val"), "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+        self._step(self.rollout_batch(batch, batch_idx, "test"), "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> list[dict[str, Any]]:
         with self.autocast():
@@ -356,10 +395,13 @@ class FineTuneModule(LightningModule):
         checkpoint["finetune_format"] = CHECKPOINT_FORMAT
         if self.trainer.training:
             checkpoint["finetune_epoch"] = self.epoch_state()
+            if self.rollouts and self.task.rollout_steps() > 1:  # (reused by the next steps)
+                checkpoint["finetune_rollouts"] = self.rollouts
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_format(checkpoint)
         self.resumed_epoch = checkpoint.get("finetune_epoch")
+        self.rollouts = checkpoint.get("finetune_rollouts", {})
         trainable = self.trainable_names()
         saved = set(checkpoint["state_dict"])
         # A checkpoint that also holds the frozen weights (DeepSpeed saves the whole module) loads:

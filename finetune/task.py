@@ -12,7 +12,8 @@ Who calls what, in order:
   data module, per split: `read_file` (formats of the task's own) -> the core checks the declared
       `columns` -> on `train`: `learn(rows)` -> options learned (e.g. the label set) ->
       `check_rows` -> `split_context` -> `datasets.map(preprocess)`, cached -> `collate` per batch
-  module, per stage: `metrics(split, context)`; every step `forward` -> `loss` (a mean over
+  module, per stage: `metrics(split, context)`; every training step, for a task that makes its batches with the
+      model (online RL), `rollout`; every step `forward` -> `loss` (a mean over
       `loss_weight(batch)` items); when `computes_metrics`, `update_metrics`; on predict steps
       `predict`, and `merge_predictions(rows, context)` once over all rows before writing.
 
@@ -153,6 +154,25 @@ class Task:
         """How many items `loss` averages over (rows, or target tokens for a token-level loss), so that
         the core's losses are exact means however the work is batched or spread. Default: rows."""
         return len(batch["index"])
+
+    # --- online training (the task trains on what the model generates) --------------------------------
+    def rollout(self, model: PreTrainedModel, batch: dict[str, Any], tokenizer: PreTrainedTokenizerBase,
+                step: Optional[int]) -> Optional[dict[str, Any]]:
+        """The batch to train on, made with the model from the data's batch at optimizer step `step` (online RL:
+        completions of its prompts, sampled and scored), or to evaluate on (`step` None: e.g. greedy completions,
+        scored); None to use the data's batch (the default). The core calls it in eval mode without gradients,
+        and trains on what it returns for `rollout_steps()` optimizer steps; every value of the returned batch is
+        a tensor of one row per item (`index`: the example of each row). A `samples` entry (JSON-serialisable
+        rows) is taken out and appended to `samples.jsonl` in the run's log directory."""
+        return None
+
+    def rollout_steps(self) -> int:
+        """How many optimizer steps one rollout serves (its batches are kept, and checkpointed, until then)."""
+        return 1
+
+    def step_logs(self, outputs: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Figures of a training step to log as `train/<name>` (e.g. the mean reward of a rollout). Default: none."""
+        return {}
 
     # --- evaluation ----------------------------------------------------------------------------
     def metrics(self, split: str, context: Any) -> MetricCollection:

@@ -71,11 +71,12 @@ class ContractChecks(Callback):
         if trainer.global_step > 0 or batch_idx > 0:
             return
         task, model, tokenizer = pl_module.task, pl_module.model, pl_module.tokenizer
-        check_loss(task, pl_module, batch)
+        check_loss(task, pl_module, rolled_out(pl_module, batch, 0))
         datamodule = trainer.datamodule
         model.eval()
         with torch.inference_mode():
             val_batch = trainer.strategy.batch_to_device(next(iter(datamodule.val_dataloader())))
+            val_batch = rolled_out(pl_module, val_batch, None)
             check_metrics(task, pl_module, val_batch, datamodule.contexts.get("val"))
             datamodule.connect(task, tokenizer, "predict")
             predict_batch = trainer.strategy.batch_to_device(next(iter(datamodule.predict_dataloader())))
@@ -88,6 +89,20 @@ class ContractChecks(Callback):
             check_loss_weight(pl_module.task, pl_module, trainer.datamodule.features["train"],
                               trainer.strategy.batch_to_device)
         pl_module.model.train()
+
+
+def rolled_out(module: Any, batch: dict[str, Any], step: Optional[int]) -> dict[str, Any]:
+    """The batch the core trains (`step`) or evaluates (None) on: the task's rollout of it, for a task that makes
+    one (`Task.rollout`)."""
+    training = module.model.training
+    module.model.eval()
+    with torch.no_grad():
+        rollout = module.task.rollout(module.model, batch, module.tokenizer, step)
+    module.model.train(training)
+    if rollout is None:
+        return batch
+    rollout.pop("samples", None)
+    return rollout
 
 
 def check_loss(task: Task, module: Any, batch: dict[str, torch.Tensor]) -> None:
@@ -121,14 +136,18 @@ def check_loss_weight(task: Task, module: Any, features: Any, to_device: Any) ->
     rows = [features[i] for i in range(min(6, len(features)))]
     if len(rows) < 2:
         return
+    batches = [to_device(collate(part, task, module.tokenizer, with_targets=True))
+               for part in (rows, rows[:len(rows) // 2], rows[len(rows) // 2:])]
+    if type(task).rollout is not Task.rollout:  # (sampled anew, the halves would differ: halves of one rollout)
+        rollout = rolled_out(module, batches[0], 0)
+        half = len(rollout["index"]) // 2
+        batches = [rollout, {k: v[:half] for k, v in rollout.items()}, {k: v[half:] for k, v in rollout.items()}]
 
-    def loss_sum(part: list[dict]) -> tuple[float, int]:
-        batch = to_device(collate(part, task, module.tokenizer, with_targets=True))
+    def loss_sum(batch: dict[str, Any]) -> tuple[float, int]:
         weight = task.loss_weight(batch)
         return float(task.loss(module.task_outputs(batch), batch)) * weight, weight
 
-    (whole, items), (first, first_items), (second, second_items) = (
-        loss_sum(rows), loss_sum(rows[:len(rows) // 2]), loss_sum(rows[len(rows) // 2:]))
+    (whole, items), (first, first_items), (second, second_items) = map(loss_sum, batches)
     if items != first_items + second_items or not math.isclose(whole, first + second, rel_tol=1e-3, abs_tol=1e-4):
         _fail("loss_weight", f"the batch's loss x loss_weight is {whole:.6g} over {items} items, its halves' "
                              f"{first:.6g} over {first_items} + {second:.6g} over {second_items}: `loss` must be the "

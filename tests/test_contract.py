@@ -239,7 +239,7 @@ def test_optimizer_and_scheduler_arguments_are_checked_before_anything_loads(tin
 
 
 @pytest.mark.parametrize("task", ["TextClassification", "QuestionAnswering", "Translation", "Summarization",
-                                  "InstructionTuning", "PreferenceTuning"])
+                                  "InstructionTuning", "PreferenceTuning", "tasks.verifiable_rewards.GRPO"])
 def test_every_task_option_has_help_text(task, capsys):
     """`finetune fit --model.task.help CLASS` describes every option (from the class docstring's Args)."""
     from finetune.registry import import_registered_tasks
