@@ -238,14 +238,14 @@ class FineTuneModule(LightningModule):
         if type(self.task).rollout is Task.rollout:
             return batch
         if stage != "train":
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 rollout = self.task.rollout(self.model, batch, self.tokenizer, None)
             return batch if rollout is None else rollout
         slot = batch_idx % self.trainer.accumulate_grad_batches
         if self.global_step % self.task.rollout_steps() == 0 or slot not in self.rollouts:
             start = time.perf_counter()
             self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self.autocast():
                 rollout = self.task.rollout(self.model, batch, self.tokenizer, self.global_step)
             self.model.train()
             if rollout is None:
