@@ -254,11 +254,13 @@ def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
     assert not any(name.startswith("reference_model.") for name in module.trainable_names())
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "orpo"])
 @pytest.mark.parametrize("processes", KIT_PROCESSES)
-def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, tmp_path):
+def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, loss_type, tmp_path):
     """(In one process the kit's checks and learning; the comparison with two runs with the slow tests.)"""
     rows = pairs(15, seed=3)  # validation: 15 pairs, odd, split over 2 processes
-    task = PreferenceTuning(beta=0.5, generation=GenerationSettings(max_new_tokens=4))
+    beta = {"sigmoid": 0.5, "simpo": 2.0, "orpo": 0.5}[loss_type]
+    task = PreferenceTuning(loss_type=loss_type, beta=beta, generation=GenerationSettings(max_new_tokens=4))
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4, processes=processes,
                         extra_args=["--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.02"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
