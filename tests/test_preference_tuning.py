@@ -53,6 +53,14 @@ def batch_of(task, tokenizer, rows) -> dict[str, torch.Tensor]:
     return batch
 
 
+def max_difference(loss, trl_loss, ours: dict, logged: dict, names=("chosen", "rejected", "margins", "accuracies")):
+    """The largest absolute difference between our loss and rewards and TRL's (for the report: pytest -s)."""
+    keys = {"chosen": "chosen_reward", "rejected": "rejected_reward", "margins": "reward_margin",
+            "accuracies": "reward_accuracy", "kl": "kl"}
+    return max([abs(loss.item() - trl_loss.item())] + [
+        abs(ours[keys[name]].item() - logged[f"eval_rewards/{name}" if name != "kl" else "eval_kl"]) for name in names])
+
+
 def trained_module(backbone, lora=LoraSettings(target_modules="all-linear"), **options) -> FineTuneModule:
     """A module whose weights moved away from the reference (LoRA's B starts at zero: policy = reference)."""
     torch.manual_seed(0)
@@ -120,6 +128,7 @@ def test_loss_and_rewards_equal_trl_dpo_trainer_on_the_same_batch_and_weights(ti
     trainer.log({})
 
     assert ours["chosen_reward"] != 0 and ours["reward_margin"] != 0  # (the weights differ from the reference)
+    print(loss_type, "max abs difference to TRL:", max_difference(loss, theirs, ours, logged))
     assert loss.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert ours["chosen_reward"].item() == pytest.approx(logged["eval_rewards/chosen"], abs=1e-5)
     assert ours["rejected_reward"].item() == pytest.approx(logged["eval_rewards/rejected"], abs=1e-5)
@@ -207,6 +216,7 @@ def test_reference_free_losses_and_rewards_equal_trl_on_the_same_batch_and_weigh
         theirs, logged = trainer.get_batch_loss_metrics(trainer.model, trl_batch(batch), train_eval="eval")
 
     assert ours["reward_margin"] != 0 and loss.item() > 0
+    print(loss_type, "max abs difference to TRL:", max_difference(loss, theirs, ours, logged))
     assert loss.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert ours["chosen_reward"].item() == pytest.approx(logged["eval_rewards/chosen"], abs=1e-5)
     assert ours["rejected_reward"].item() == pytest.approx(logged["eval_rewards/rejected"], abs=1e-5)
