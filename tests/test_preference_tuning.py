@@ -1,5 +1,6 @@
-"""Preference tuning (DPO, IPO): the loss and rewards against TRL's DPOTrainer, the reference model, exact
-metrics, bad pairs, and the task through the conformance kit."""
+"""Preference tuning (DPO, IPO, SimPO, ORPO): the loss and rewards against TRL's DPOTrainer, CPOTrainer (SimPO) and
+ORPOTrainer, the reference model (and none for SimPO and ORPO), exact metrics, bad pairs, and the task through the
+conformance kit."""
 
 import copy
 import json
@@ -52,6 +53,14 @@ def batch_of(task, tokenizer, rows) -> dict[str, torch.Tensor]:
     return batch
 
 
+def max_difference(loss, trl_loss, ours: dict, logged: dict, names=("chosen", "rejected", "margins", "accuracies")):
+    """The largest absolute difference between our loss and rewards and TRL's (for the report: pytest -s)."""
+    keys = {"chosen": "chosen_reward", "rejected": "rejected_reward", "margins": "reward_margin",
+            "accuracies": "reward_accuracy", "kl": "kl"}
+    return max([abs(loss.item() - trl_loss.item())] + [
+        abs(ours[keys[name]].item() - logged[f"eval_rewards/{name}" if name != "kl" else "eval_kl"]) for name in names])
+
+
 def trained_module(backbone, lora=LoraSettings(target_modules="all-linear"), **options) -> FineTuneModule:
     """A module whose weights moved away from the reference (LoRA's B starts at zero: policy = reference)."""
     torch.manual_seed(0)
@@ -90,7 +99,7 @@ def test_loss_and_rewards_equal_trl_dpo_trainer_on_the_same_batch_and_weights(ti
     module = trained_module(tiny_llama, loss_type=loss_type, beta=0.2)
     batch = batch_of(module.task, module.tokenizer, pairs(6, seed=1))
     with torch.no_grad():
-        outputs = (module.task.forward(module.model, batch), module.reference_outputs(batch))
+        outputs = module.task_outputs(batch)
         loss = module.task.loss(outputs, batch)
     scores = PreferenceScores(beta=0.2)
     module.task.update_metrics(scores, outputs, batch, module.model, module.tokenizer)
@@ -119,6 +128,7 @@ def test_loss_and_rewards_equal_trl_dpo_trainer_on_the_same_batch_and_weights(ti
     trainer.log({})
 
     assert ours["chosen_reward"] != 0 and ours["reward_margin"] != 0  # (the weights differ from the reference)
+    print(loss_type, "max abs difference to TRL:", max_difference(loss, theirs, ours, logged))
     assert loss.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert ours["chosen_reward"].item() == pytest.approx(logged["eval_rewards/chosen"], abs=1e-5)
     assert ours["rejected_reward"].item() == pytest.approx(logged["eval_rewards/rejected"], abs=1e-5)
@@ -133,8 +143,9 @@ def test_losses_follow_the_papers_formulas_and_metrics_add_up_over_batches(tiny_
     rows = pairs(8, seed=2)
     batch = batch_of(module.task, module.tokenizer, rows)
     with torch.no_grad():
-        policy, reference = module.task.forward(module.model, batch), module.reference_outputs(batch)
+        policy, reference = module.task_outputs(batch)
         loss = module.task.loss((policy, reference), batch)
+        policy, reference = policy.completions, reference.completions
     # log-probabilities by hand, one sequence at a time
     logps = []
     for ids, labels in zip(batch["input_ids"], batch["labels"]):
@@ -158,11 +169,84 @@ def test_losses_follow_the_papers_formulas_and_metrics_add_up_over_batches(tiny_
     untrained.configure_model()
     untrained.model.eval()
     with torch.no_grad():
-        outputs = (untrained.task.forward(untrained.model, batch), untrained.reference_outputs(batch))
+        outputs = untrained.task_outputs(batch)
     start = PreferenceScores(0.1)
     untrained.task.update_metrics(start, outputs, batch, untrained.model, untrained.tokenizer)
     assert {k: v.item() for k, v in start.compute().items()} == {
         "reward_accuracy": 0.5, "reward_margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+
+
+def trl_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our batch of 2n sequences as TRL's paired trainers (CPO, ORPO) take it: chosen_* and rejected_* halves."""
+    halves = {key: batch[key].chunk(2) for key in ("input_ids", "attention_mask", "labels")}
+    return {f"{side}_{key}": parts[i] for key, parts in halves.items() for i, side in enumerate(("chosen", "rejected"))}
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_reference_free_losses_and_rewards_equal_trl_on_the_same_batch_and_weights(tiny_llama, tmp_path, loss_type):
+    """SimPO against CPOTrainer(loss_type="simpo", cpo_alpha=0), ORPO against ORPOTrainer: the loss and the logged
+    rewards (beta x mean per-token log-probability) of one batch, evaluated by both on the same weights."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    options = dict(beta=2.0, gamma=0.7, label_smoothing=0.1) if loss_type == "simpo" else dict(beta=0.3)
+    module = trained_module(tiny_llama, loss_type=loss_type, **options)
+    assert module.reference_model is None and not module.task.compares_to_reference
+    batch = batch_of(module.task, module.tokenizer, pairs(6, seed=1))
+    with torch.no_grad():
+        outputs = module.task_outputs(batch)
+        loss = module.task.loss(outputs, batch)
+    scores = PreferenceScores(beta=options["beta"])
+    module.task.update_metrics(scores, outputs, batch, module.model, module.tokenizer)
+    ours = scores.compute()
+
+    policy = copy.deepcopy(module.model).merge_and_unload()
+    dataset = Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    common = dict(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False, beta=options["beta"])
+    if loss_type == "simpo":
+        config = CPOConfig(**common, loss_type="simpo", cpo_alpha=0.0, simpo_gamma=0.7, label_smoothing=0.1)
+        trainer = CPOTrainer(model=policy, args=config, train_dataset=dataset, processing_class=module.tokenizer)
+    else:
+        config = ORPOConfig(**common)
+        trainer = ORPOTrainer(model=policy, args=config, train_dataset=dataset, processing_class=module.tokenizer)
+    trainer.model.eval()
+    with torch.no_grad():
+        theirs, logged = trainer.get_batch_loss_metrics(trainer.model, trl_batch(batch), train_eval="eval")
+
+    assert ours["reward_margin"] != 0 and loss.item() > 0
+    print(loss_type, "max abs difference to TRL:", max_difference(loss, theirs, ours, logged))
+    assert loss.item() == pytest.approx(theirs.item(), abs=1e-5)
+    assert ours["chosen_reward"].item() == pytest.approx(logged["eval_rewards/chosen"], abs=1e-5)
+    assert ours["rejected_reward"].item() == pytest.approx(logged["eval_rewards/rejected"], abs=1e-5)
+    assert ours["reward_margin"].item() == pytest.approx(logged["eval_rewards/margins"], abs=1e-5)
+    assert ours["reward_accuracy"].item() == pytest.approx(logged["eval_rewards/accuracies"], abs=1e-6)
+
+
+def test_reference_free_losses_follow_the_papers_formulas(tiny_llama):
+    """SimPO: -log sigmoid(beta (mean log p_c - mean log p_r) - gamma); ORPO: the chosen sequences' token-mean NLL
+    (prompt included) - lambda log sigmoid(log odds_c - log odds_r), odds of the mean per-token probability; each from
+    log-probabilities computed one token at a time."""
+    rows = pairs(5, seed=4)
+    for loss_type, options in (("simpo", dict(beta=2.5, gamma=1.0)), ("orpo", dict(beta=0.5))):
+        module = trained_module(tiny_llama, loss_type=loss_type, **options)
+        batch = batch_of(module.task, module.tokenizer, rows)
+        with torch.no_grad():
+            loss = module.task.loss(module.task_outputs(batch), batch)
+            logits = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        token_logps = F.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        completion = batch["labels"][:, 1:] != IGNORE
+        mean = (token_logps * completion).sum(-1) / completion.sum(-1)
+        chosen, rejected = mean[:5], mean[5:]
+        if loss_type == "simpo":
+            expected = -F.logsigmoid(2.5 * (chosen - rejected) - 1.0).mean()
+        else:
+            real = batch["attention_mask"][:5, 1:] == 1
+            nll = -token_logps[:5][real].mean()
+            odds = (chosen - torch.log(1 - chosen.exp())) - (rejected - torch.log(1 - rejected.exp()))
+            expected = nll - 0.5 * F.logsigmoid(odds).mean()
+        assert loss.item() == pytest.approx(expected.item(), abs=1e-5), loss_type
 
 
 def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
@@ -172,19 +256,21 @@ def test_with_lora_null_the_reference_is_a_frozen_copy(tiny_llama):
     fresh.configure_model()
     fresh.model.eval()
     with torch.no_grad():
-        assert module.reference_outputs(batch).tolist() == pytest.approx(
-            fresh.task.forward(fresh.model, batch).tolist(), abs=1e-6)  # the backbone as loaded
-        assert module.task.forward(module.model, batch).tolist() != pytest.approx(
-            module.reference_outputs(batch).tolist(), abs=1e-3)
+        assert module.reference_outputs(batch).completions.tolist() == pytest.approx(
+            fresh.task.forward(fresh.model, batch).completions.tolist(), abs=1e-6)  # the backbone as loaded
+        assert module.task.forward(module.model, batch).completions.tolist() != pytest.approx(
+            module.reference_outputs(batch).completions.tolist(), abs=1e-3)
     assert not any(p.requires_grad for p in module.reference_model.parameters())
     assert not any(name.startswith("reference_model.") for name in module.trainable_names())
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "simpo", "orpo"])
 @pytest.mark.parametrize("processes", KIT_PROCESSES)
-def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, tmp_path):
+def test_conforms_learns_the_preference_and_is_exact_in_two_processes(processes, loss_type, tmp_path):
     """(In one process the kit's checks and learning; the comparison with two runs with the slow tests.)"""
     rows = pairs(15, seed=3)  # validation: 15 pairs, odd, split over 2 processes
-    task = PreferenceTuning(beta=0.5, generation=GenerationSettings(max_new_tokens=4))
+    beta = {"sigmoid": 0.5, "simpo": 2.0, "orpo": 0.5}[loss_type]
+    task = PreferenceTuning(loss_type=loss_type, beta=beta, generation=GenerationSettings(max_new_tokens=4))
     report = check_task(task, rows, workdir=tmp_path, backbone="llama", epochs=4, processes=processes,
                         extra_args=["--model.lora.target_modules=all-linear", "--model.optimizer.lr=0.02"])
     one, two = report.metrics_by_processes[1], report.metrics_by_processes[processes]
