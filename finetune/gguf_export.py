@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import gguf
-import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType, MODEL_ARCH, TokenType
+from gguf import MODEL_ARCH, GGMLQuantizationType, GGUFValueType, LlamaFileType, TokenType
 
 from finetune.errors import InputError
 
@@ -273,8 +272,9 @@ def write_lora_adapter(peft_model: Any, path: Path, fmt: str) -> None:
         a = module.lora_A["default"].weight.detach().float()
         b = stored(name, module.lora_B["default"].weight.detach().float(), config)  # rows permute like W = B A
         scales.add(module.scaling["default"] * a.shape[0])
-        writer.add_tensor(gguf_name + ".lora_a", gguf.quants.quantize(a.numpy(), matrix_type), raw_dtype=matrix_type)
-        writer.add_tensor(gguf_name + ".lora_b", gguf.quants.quantize(b.numpy(), matrix_type), raw_dtype=matrix_type)
+        for suffix, matrix in ((".lora_a", a), (".lora_b", b)):
+            writer.add_tensor(gguf_name + suffix, gguf.quants.quantize(matrix.numpy(), matrix_type),
+                              raw_dtype=matrix_type)
     if len(scales) != 1:
         raise InputError("--gguf_adapter: llama.cpp's adapters have one alpha / r for every layer; this adapter's "
                          "layers differ in scale")

@@ -45,7 +45,8 @@ def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Archite
                                                                 special_tokens=SPECIAL_TOKENS["gemma"]))
         trained = json.loads(trainer.to_str())["model"]
         GemmaTokenizer(vocab=trained["vocab"], merges=[tuple(merge) for merge in trained["merges"]],
-                       extra_special_tokens=["<start_of_turn>", "<end_of_turn>"], add_bos_token=True).save_pretrained(path)
+                       extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+                       add_bos_token=True).save_pretrained(path)
         return
     if style == "bert":
         # The vocabulary is built here, not trained: WordPieceTrainer's result varies from run to run.
@@ -92,9 +93,9 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
         AutoTokenizer,
         BertConfig,
         BertModel,
-        GPT2Config,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
+        GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
