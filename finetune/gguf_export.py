@@ -210,6 +210,7 @@ def sentencepiece_vocabulary(writer: gguf.GGUFWriter, tokenizer: Any) -> None:
     tokens = tokenizer.convert_ids_to_tokens(range(len(tokenizer)))
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
+    writer.add_add_space_prefix(False)  # Gemma's tokenizer turns spaces into "▁" and adds none in front
     writer.add_token_list(tokens)
     writer.add_token_scores([-float(token_id) for token_id in range(len(tokens))])
     writer.add_token_types(token_types(tokenizer))

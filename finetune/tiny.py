@@ -117,10 +117,12 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0))
-    elif architecture == "gemma3":  # Gemma 3 270M's shape in miniature: one key/value head, sliding-window layers
+    elif architecture == "gemma3":  # Gemma 3 270M's shape in miniature: one key/value head, sliding-window layers,
+        # and its head size, which llama.cpp scales queries by (transformers by query_pre_attn_scalar: the same 256)
         model = Gemma3ForCausalLM(Gemma3TextConfig(
             vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=8, max_position_embeddings=512, sliding_window=16,
+            num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=512,
+            sliding_window=16,
             tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2))
     else:  # SmolLM2's shape in miniature: grouped-query attention, tied embeddings, no pad token
         model = LlamaForCausalLM(LlamaConfig(
