@@ -56,9 +56,14 @@ def gemma3_weight(name: str, weight: torch.Tensor, config: Any) -> torch.Tensor:
 
 
 def rope_theta(config: Any, layer_type: str) -> float:
-    """The rotary base of the given layer type (transformers 5 keeps them in `rope_parameters`)."""
+    """The rotary base of the given layer type (transformers 5 keeps them in `rope_parameters`); a scaled rotary
+    embedding (Llama 3.1's, Gemma 3 4B's) is not written yet, so it is refused."""
     parameters = getattr(config, "rope_parameters", None) or {}
-    return float(parameters.get(layer_type, parameters).get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    parameters = parameters.get(layer_type, parameters)
+    if parameters.get("rope_type", "default") != "default":
+        raise InputError(f"--gguf: the model's rotary embedding is scaled ({parameters}); GGUF export writes "
+                         "unscaled ones only")
+    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
 
 
 def llama_parameters(writer: gguf.GGUFWriter, config: Any) -> None:
@@ -89,6 +94,7 @@ def family(model: Any) -> Family:
     if config.model_type not in FAMILIES or not type(model).__name__.endswith("ForCausalLM"):
         raise InputError(f"--gguf: GGUF export writes causal language models of the {' and '.join(FAMILIES)} "
                          f"families; this checkpoint's model is a {type(model).__name__} ({config.model_type})")
+    rope_theta(config, "full_attention")  # (refuses a scaled one)
     return FAMILIES[config.model_type]
 
 
@@ -105,7 +111,7 @@ def source_gguf(backbone: str) -> Optional[Path]:
     path, packaged = Path(backbone), packaged_model(backbone)
     candidates = [packaged.location() if packaged else None, path, *(sorted(path.glob("*.gguf")) if path.is_dir()
                                                                       else [])]
-    return next(c for c in candidates if c is not None and c.is_file() and file_digest(c) == resolved.name)
+    return next((c for c in candidates if c is not None and c.is_file() and file_digest(c) == resolved.name), None)
 
 
 def write_gguf(model: Any, tokenizer: Any, path: Path, fmt: str, source: Optional[Path] = None) -> None:

