@@ -241,7 +241,8 @@ def byte_level_vocabulary(writer: gguf.GGUFWriter, tokenizer: Any, directory: Pa
     try:
         vocabulary = gguf.vocab.BpeVocab(directory)
     except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"--gguf: the tokenizer of {tokenizer.name_or_path!r} is not a byte-level BPE ({err})") from err
+        raise InputError(f"--gguf: the tokenizer of {tokenizer.name_or_path!r} is not a byte-level BPE "
+                         f"({err})") from err
     tokens = [token for token, _, _ in vocabulary.all_tokens()]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
