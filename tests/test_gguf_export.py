@@ -307,15 +307,19 @@ def test_a_fine_tuned_real_model_round_trips_through_gguf(name, request, tmp_pat
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "merged")
     prompts = ["The capital of France is", "Water boils at", "def fibonacci(n):", "The three primary colors are"]
-    for fmt, tolerance in (("f16", 0.1), ("q8_0", 0.5)):
+    for fmt in ("f16", "q8_0"):
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "gguf", gguf_file=f"model.{fmt}.gguf").eval()
+        reference = rounded(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged"), fmt).eval()
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt")
             with torch.no_grad():
-                assert (merged(**ids).logits - loaded(**ids).logits).abs().max() < tolerance, (fmt, prompt)
-                texts = [m.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist() for m in (merged, loaded)]
-            if fmt == "f16":
-                assert texts[0] == texts[1], prompt
+                torch.testing.assert_close(loaded(**ids).logits, reference(**ids).logits, atol=1e-3, rtol=0)
+                texts = [m.generate(**ids, max_new_tokens=8, do_sample=False)[0].tolist()
+                         for m in (merged, reference, loaded)]
+            assert texts[1] == texts[2], (fmt, prompt)
+            if fmt == "f16":  # (Q8_0 may change a near tie, as its logits differ by up to ~1 on SmolLM2)
+                assert (merged(**ids).logits - loaded(**ids).logits).abs().max() < 0.1, prompt
+                assert texts[0] == texts[2], prompt
     source = gguf.GGUFReader(packaged.packaged_model(name).location())
     written = gguf.GGUFReader(tmp_path / "out" / "gguf" / "model.f16.gguf")
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.eos_token_id"):
