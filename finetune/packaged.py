@@ -18,6 +18,7 @@ from typing import Optional
 
 from filelock import FileLock
 
+from finetune.errors import InputError
 from finetune.gguf import cache_root
 
 
@@ -52,24 +53,27 @@ class PackagedModel:
             return None
         if self.assemble is None:
             return Path(spec.submodule_search_locations[0]) / self.path
-        return assembled(self.assemble, cache_root() / "packaged" / self.path)
+        return self.assembled(cache_root() / "packaged" / self.path)
 
-
-def assembled(assemble: str, target: Path) -> Path:
-    """`target`, written once by the package's `assemble` function (which checks the file's sha256): into a
-    temporary sibling renamed into place under a lock, so an existing file is whole and is not read again."""
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
-            if not target.is_file():  # another process may have assembled it while this one waited
-                module, function = assemble.split(":")
-                partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
-                try:
-                    getattr(importlib.import_module(module), function)(partial, overwrite=True)
-                    os.replace(partial, target)
-                finally:
-                    partial.unlink(missing_ok=True)
-    return target
+    def assembled(self, target: Path) -> Path:
+        """`target`, written once by the package's `assemble` function (which checks the file's sha256): into a
+        temporary sibling renamed into place under a lock, so an existing file is whole and is not read again."""
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(target) + ".lock"):
+                if not target.is_file():  # another process may have assembled it while this one waited
+                    module, function = self.assemble.split(":")
+                    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+                    try:
+                        getattr(importlib.import_module(module), function)(partial, overwrite=True)
+                        os.replace(partial, target)
+                    except (OSError, ValueError) as err:  # a missing chunk package, a wrong checksum
+                        raise InputError(f"model.backbone: the {self.package} package could not assemble "
+                                         f"{self.path} ({type(err).__name__}: {err}); reinstall it: {self.install}"
+                                         ) from err
+                    finally:
+                        partial.unlink(missing_ok=True)
+        return target
 
 
 PACKAGED = (

@@ -247,7 +247,10 @@ def test_a_packaged_gguf_in_chunks_is_assembled_once_into_the_cache(tmp_path, mo
         "def assemble(target, overwrite=False):\n"
         "    calls.append(Path(target))\n"
         "    Path(target).write_bytes(b'GGUF assembled')\n"
-        "    return Path(target)\n")
+        "    return Path(target)\n"
+        "def broken(target, overwrite=False):\n"
+        "    Path(target).write_bytes(b'half')\n"
+        "    raise FileNotFoundError('Missing chunk files: part03')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     import chunks
 
@@ -260,6 +263,12 @@ def test_a_packaged_gguf_in_chunks_is_assembled_once_into_the_cache(tmp_path, mo
     missing = packaged.PackagedModel("org/model", "no_such_package", "model.gguf", install="",
                                      assemble="chunks:assemble")
     assert missing.location() is None
+    broken = packaged.PackagedModel("org/model", "json", "broken.gguf", install="pip install it",
+                                    assemble="chunks:broken")
+    with pytest.raises(InputError, match=r"the json package could not assemble broken.gguf \(FileNotFoundError: "
+                                         r"Missing chunk files: part03\); reinstall it: pip install it"):
+        broken.location()
+    assert sorted(p.name for p in first.parent.iterdir()) == ["broken.gguf.lock", "model.gguf", "model.gguf.lock"]
 
 
 def test_gemma_names_resolve_to_the_packaged_copy(monkeypatch):
