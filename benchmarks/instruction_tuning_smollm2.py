@@ -8,6 +8,10 @@
    forward, backward and AdamW step, `finetune fit` with the step meter) with and without packing.
 
     python -m benchmarks.instruction_tuning_smollm2    # ~10 min on 2 CPU cores, ~3 GB of memory
+    python -m benchmarks.instruction_tuning_smollm2 --backbone gemma-3-270m --parts alpaca \
+        --chat_template configs/gemma3_chat_template.jinja --output instruction_tuning_gemma3
+
+(Another backbone with `--backbone`; a base model such as Gemma 3 270M learns the chat template `--chat_template`.)
 
 (SmolLM2's activations take ~2 MB per token in training: batch 16 x 256 tokens needs ~15 GB.)
 """
@@ -32,7 +36,7 @@ def fit_and_compare(work: Path, task: list[str], train: list[dict], val: list[di
                     predict: Optional[list[dict]] = None) -> dict[str, Any]:
     """Validation before (a fresh LoRA adapter is zero: the backbone itself) and after one epoch of LoRA."""
     files = {"train": write_jsonl(work / "train.jsonl", train), "val": write_jsonl(work / "val.jsonl", val)}
-    common = [f"--model.backbone={SMOLLM2}", *task, f"--data.batch_size={args.batch_size}",
+    common = [f"--model.backbone={args.backbone}", *task, f"--data.batch_size={args.batch_size}",
               "--model.lora.target_modules=all-linear", "--trainer.enable_progress_bar=false",
               "--trainer.enable_model_summary=false", "--trainer.logger=false", "--seed_everything=0",
               f"--trainer.default_root_dir={work}"]
@@ -67,7 +71,7 @@ def padding_shares(args: argparse.Namespace) -> dict[str, float]:
     from tasks.instruction_tuning import InstructionTuning
 
     train = read_jsonl(DATA / "alpaca" / "train.jsonl")
-    task, tokenizer = task_for(InstructionTuning(format="prompt", max_length=args.max_length), SMOLLM2)
+    task, tokenizer = task_for(InstructionTuning(format="prompt", max_length=args.max_length), args.backbone)
     made = task.preprocess(columns(train), tokenizer, True)
     features = [{k: v[i] for k, v in made.items()} for i in range(len(made["input_ids"]))]
     lengths = [len(f["input_ids"]) for f in features]
@@ -91,7 +95,7 @@ def packing_throughput(work: Path, args: argparse.Namespace) -> dict[str, float]
     for packing in (False, True):
         meter = StepMeter(1, args.throughput_steps)
         finetune_cli.run([
-            "fit", f"--model.backbone={SMOLLM2}", "--model.task=InstructionTuning", "--model.task.format=prompt",
+            "fit", f"--model.backbone={args.backbone}", "--model.task=InstructionTuning", "--model.task.format=prompt",
             f"--model.task.packing={str(packing).lower()}", f"--model.task.max_length={args.max_length}",
             "--model.lora.target_modules=all-linear", f"--model.optimizer.lr={args.lr}",
             f"--data.train_file={train}", f"--data.batch_size={args.batch_size}",
@@ -112,7 +116,12 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--throughput_steps", type=int, default=2)
+    parser.add_argument("--backbone", default=SMOLLM2)
+    parser.add_argument("--chat_template", help="a Jinja file: the chat template a base model learns")
+    parser.add_argument("--parts", default="alpaca,c4,packing", help="comma-separated: alpaca, c4, packing")
+    parser.add_argument("--output", default="instruction_tuning_smollm2", help="the JSON file in benchmarks/results")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     set_threads(2)
     work = Path(tempfile.mkdtemp(prefix="instruction-bench-"))
     started = time.perf_counter()
@@ -120,35 +129,45 @@ def main() -> None:
     alpaca_val = read_jsonl(DATA / "alpaca" / "validation.jsonl")
     prompts = [{"instruction": r["instruction"], "input": r["input"]} for r in alpaca_val[:3]]
     (work / "alpaca").mkdir()
-    alpaca = fit_and_compare(
-        work / "alpaca", ["--model.task=InstructionTuning", "--model.task.format=prompt", "--model.task.packing=true",
+    template = [f"--model.task.init_args.chat.chat_template={args.chat_template}"] if args.chat_template else []
+    alpaca = c4 = packed = None
+    if "alpaca" in parts:
+        alpaca = fit_and_compare(
+            work / "alpaca", ["--model.task=InstructionTuning", "--model.task.format=prompt",
+                              "--model.task.packing=true", f"--model.task.max_length={args.max_length}", *template],
+            read_jsonl(DATA / "alpaca" / "train.jsonl", args.alpaca_train), alpaca_val[:args.alpaca_val], args,
+            prompts)
+    if "c4" in parts:
+        (work / "c4").mkdir()
+        c4 = fit_and_compare(
+            work / "c4", ["--model.task=InstructionTuning", "--model.task.format=text", "--model.task.packing=true",
                           f"--model.task.max_length={args.max_length}"],
-        read_jsonl(DATA / "alpaca" / "train.jsonl", args.alpaca_train), alpaca_val[:args.alpaca_val], args, prompts)
-    (work / "c4").mkdir()
-    c4 = fit_and_compare(
-        work / "c4", ["--model.task=InstructionTuning", "--model.task.format=text", "--model.task.packing=true",
-                      f"--model.task.max_length={args.max_length}"],
-        read_jsonl(DATA / "c4" / "train.jsonl", args.c4_train),
-        read_jsonl(DATA / "c4" / "validation.jsonl", args.c4_val), args)
-    packed = {**padding_shares(args), **packing_throughput(work, args)}
+            read_jsonl(DATA / "c4" / "train.jsonl", args.c4_train),
+            read_jsonl(DATA / "c4" / "validation.jsonl", args.c4_val), args)
+    if "packing" in parts:
+        packed = {**padding_shares(args), **packing_throughput(work, args)}
 
-    print(f"\nSmolLM2-135M-Instruct, LoRA r=8 all-linear, lr {args.lr}, batch {args.batch_size}, max_length "
+    print(f"\n{args.backbone}, LoRA r=8 all-linear, lr {args.lr}, batch {args.batch_size}, max_length "
           f"{args.max_length}, one epoch, packing on; 2 threads")
-    print(f"alpaca ({args.alpaca_train} train / {args.alpaca_val} validation rows): val perplexity "
-          f"{alpaca['perplexity_before']:.3f} -> {alpaca['perplexity_after']:.3f} (token accuracy after "
-          f"{alpaca['token_accuracy_after']:.3f}; fit {alpaca['fit_seconds']:.0f} s)")
-    for prompt, before, after in zip(prompts, alpaca["predictions_before"], alpaca["predictions_after"]):
-        print(f"  prompt: {prompt['instruction']!r} {prompt['input']!r}\n    before: {before!r}\n    after:  {after!r}")
-    print(f"c4 raw text ({args.c4_train} train / {args.c4_val} validation documents, windows of {args.max_length}): "
-          f"val perplexity {c4['perplexity_before']:.3f} -> {c4['perplexity_after']:.3f} "
-          f"(fit {c4['fit_seconds']:.0f} s)")
-    print(f"padding share, alpaca train (800 rows, batch {args.batch_size}): "
-          + ", ".join(f"{k.removeprefix('padding_').replace('_', ' ')} {v:.1%}" for k, v in packed.items()
-                      if k.startswith("padding")))
-    print(f"training tokens/s (real tokens, {args.throughput_steps} timed steps of `finetune fit`): unpacked "
-          f"{packed['tokens_per_second_unpacked']:.0f}, packed {packed['tokens_per_second_packed']:.0f}")
+    if alpaca:
+        print(f"alpaca ({args.alpaca_train} train / {args.alpaca_val} validation rows): val perplexity "
+              f"{alpaca['perplexity_before']:.3f} -> {alpaca['perplexity_after']:.3f} (token accuracy after "
+              f"{alpaca['token_accuracy_after']:.3f}; fit {alpaca['fit_seconds']:.0f} s)")
+        for prompt, before, after in zip(prompts, alpaca["predictions_before"], alpaca["predictions_after"]):
+            print(f"  prompt: {prompt['instruction']!r} {prompt['input']!r}\n    before: {before!r}\n"
+                  f"    after:  {after!r}")
+    if c4:
+        print(f"c4 raw text ({args.c4_train} train / {args.c4_val} validation documents, windows of "
+              f"{args.max_length}): val perplexity {c4['perplexity_before']:.3f} -> {c4['perplexity_after']:.3f} "
+              f"(fit {c4['fit_seconds']:.0f} s)")
+    if packed:
+        print(f"padding share, alpaca train (800 rows, batch {args.batch_size}): "
+              + ", ".join(f"{k.removeprefix('padding_').replace('_', ' ')} {v:.1%}" for k, v in packed.items()
+                          if k.startswith("padding")))
+        print(f"training tokens/s (real tokens, {args.throughput_steps} timed steps of `finetune fit`): unpacked "
+              f"{packed['tokens_per_second_unpacked']:.0f}, packed {packed['tokens_per_second_packed']:.0f}")
     print(f"total {time.perf_counter() - started:.0f} s")
-    write_results("instruction_tuning_smollm2", {"settings": vars(args), "alpaca": alpaca, "c4": c4, "packing": packed})
+    write_results(args.output, {"settings": vars(args), "alpaca": alpaca, "c4": c4, "packing": packed})
 
 
 if __name__ == "__main__":

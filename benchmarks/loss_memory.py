@@ -4,7 +4,8 @@ target-token scores (`finetune/target_tokens.py`: the output layer on chunks of 
 logits at once; LoRA leaves it frozen, so each chunk's gradient with respect to its hidden states is computed
 in the forward pass and only scaled in the backward pass).
 
-SmolLM2-135M-Instruct (a 49,152-token vocabulary) with LoRA (r 16, all-linear), fp32 on this CPU; a batch of
+SmolLM2-135M-Instruct (a 49,152-token vocabulary; `--backbone gemma-3-270m`: Gemma 3 270M, 262,144 tokens) with
+LoRA (r 16, all-linear), fp32 on this CPU; a batch of
 random token ids, every position a target (language modelling: the worst case for finetune, which skips
 prompt positions). Each method and length in a fresh process, which runs two steps (forward and backward):
 the peak is the first step's, the highest resident memory a 1 ms sampler sees during it above what the process
@@ -14,6 +15,8 @@ reuse); the time is the second step's. The two must agree: the loss to 1e-5 and 
 difference relative to the largest gradient).
 
     python -m benchmarks.loss_memory --lengths 256,512,1024,2048 --batch_size 2
+    python -m benchmarks.loss_memory --backbone gemma-3-270m --lengths 512,2048 --batch_size 1 \
+        --output loss_memory_gemma3
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="256,512,1024,2048", help="sequence lengths, comma-separated")
     parser.add_argument("--batch_size", type=int, default=2)
+    parser.add_argument("--backbone", default=SMOLLM2, help="a causal LM, as `model.backbone` names it")
     add_run_arguments(parser, "loss_memory", repeats=1)
     parser.add_argument("--child", choices=list(METHODS), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
@@ -87,7 +91,7 @@ def main() -> None:
 
     import torch
 
-    backbone = model_dir(SMOLLM2)  # what finetune trains
+    backbone = model_dir(args.backbone)  # what finetune trains
     work = Path(tempfile.mkdtemp(prefix="bench-loss-memory-"))
     lengths = [int(n) for n in args.lengths.split(",")]
 
@@ -118,7 +122,8 @@ def main() -> None:
               "finetune: step (s)", "loss", "Δ loss", "max Δ grad / max grad"]
     publish(args.output, {
         "machine": info, "versions": versions("torch", "transformers", "peft"),
-        "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": backbone,
+        "settings": {"batch_size": args.batch_size, "lengths": lengths, "backbone": args.backbone,
+                     "model_dir": backbone,
                      "lora": {"r": 16, "alpha": 32, "target_modules": "all-linear"}},
         "figures": figures, "runs": runs}, markdown_table(header, rows))
 

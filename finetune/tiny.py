@@ -1,18 +1,23 @@
 """Tiny offline backbones for tests and the conformance kit: a randomly initialised 2-layer, 32-wide BERT, T5,
-GPT-2 or Llama (SmolLM2's shape, with its ChatML template) with a tokenizer trained on the test's own rows."""
+GPT-2, Llama (SmolLM2's shape, with its ChatML template) or Gemma 3 (Gemma 3 270M's shape: a base model, no chat
+template) with a tokenizer trained on the test's own rows."""
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Literal, Sequence, Union
 
 import torch
 
-Architecture = Literal["bert", "t5", "gpt2", "llama"]
-ARCHITECTURES = ("bert", "t5", "gpt2", "llama")
+Architecture = Literal["bert", "t5", "gpt2", "llama", "gemma3"]
+ARCHITECTURES = ("bert", "t5", "gpt2", "llama", "gemma3")
 SPECIAL_TOKENS = {  # the first id is padding in both BERT and BPE styles
     "bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
     "bpe": ["<pad>", "</s>", "<s>", "<unk>"],
     "chatml": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],  # as SmolLM2-Instruct: no pad token of its own
+    # Gemma 3's first ids, its turn markers and its byte-fallback tokens (ids 0-4, then 5-6, then 7-262)
+    "gemma": ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>",
+              *(f"<0x{byte:02X}>" for byte in range(256))],
 }
 # SmolLM2-Instruct's ChatML template (with a shorter default system prompt).
 CHATML_TEMPLATE = (
@@ -29,8 +34,20 @@ def tiny_tokenizer(path: Union[str, Path], corpus: Sequence[str], style: Archite
     sentence pairs, or byte-level BPE that appends `</s>` (T5 style), or not (GPT-2 style), or that
     has SmolLM2-Instruct's ChatML special tokens and chat template and no pad token (Llama style)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import GemmaTokenizer, PreTrainedTokenizerFast
 
+    if style == "gemma3":
+        # Gemma's own tokenizer class (BPE with byte fallback over text whose spaces are "▁", <bos> first) with a
+        # vocabulary and merges trained here; the turn markers are special tokens, but there is no chat template.
+        trainer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+        trainer.normalizer = normalizers.Replace(" ", "\u2581")
+        trainer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size + 256,
+                                                                special_tokens=SPECIAL_TOKENS["gemma"]))
+        trained = json.loads(trainer.to_str())["model"]
+        GemmaTokenizer(vocab=trained["vocab"], merges=[tuple(merge) for merge in trained["merges"]],
+                       extra_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+                       add_bos_token=True).save_pretrained(path)
+        return
     if style == "bert":
         # The vocabulary is built here, not trained: WordPieceTrainer's result varies from run to run.
         # Characters (alone and as `##` continuations) spell any word; the most frequent words are whole.
@@ -77,6 +94,8 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
         AutoTokenizer,
         BertConfig,
         BertModel,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
@@ -99,6 +118,13 @@ def tiny_backbone(path: Union[str, Path], architecture: Architecture, corpus: Se
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=512, resid_pdrop=0.0, embd_pdrop=0.0,
             attn_pdrop=0.0, bos_token_id=2, eos_token_id=1, pad_token_id=0))
+    elif architecture == "gemma3":  # Gemma 3 270M's shape in miniature: one key/value head, sliding-window layers,
+        # and its head size, which llama.cpp scales queries by (transformers by query_pre_attn_scalar: the same 256)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, max_position_embeddings=512,
+            sliding_window=16,
+            tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2))
     else:  # SmolLM2's shape in miniature: grouped-query attention, tied embeddings, no pad token
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,

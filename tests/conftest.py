@@ -140,6 +140,14 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory) -> str:
+    """A tiny Gemma 3 with Gemma's tokenizer class and special tokens: a base model, no chat template."""
+    from finetune.tiny import tiny_backbone
+
+    return tiny_backbone(tmp_path_factory.mktemp("tiny-gemma3"), "gemma3", TOY_CORPUS)
+
+
+@pytest.fixture(scope="session")
 def smollm2(tmp_path_factory) -> tuple[str, float]:
     """The packaged SmolLM2-135M-Instruct converted once (for all slow tests) into a fresh cache, and how
     long that took."""
