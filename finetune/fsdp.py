@@ -1,42 +1,60 @@
-"""FSDP for LoRA fine-tuning: shard the frozen backbone block by block, keep trainable weights apart."""
+"""FSDP2 for LoRA fine-tuning: torch's `fully_shard` on each of the backbone's blocks, then on the backbone, over
+the processes of Lightning's `ModelParallelStrategy`; checkpoints hold the trained weights whole, in one file."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from datetime import timedelta
+from typing import Any, Optional
 
-from lightning.pytorch.strategies import FSDPStrategy
-from peft.utils.other import fsdp_auto_wrap_policy
-from torch import nn
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from transformers import PreTrainedModel
 
-from finetune.errors import InputError
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fully sharded data parallel (torch's FSDP2) for finetune's module: Lightning's `ModelParallelStrategy`, whose
+    device mesh is nodes x processes per node; the module's `configure_model` shards the model over it
+    (`shard_models`): each process holds 1/N of every frozen weight of its node's N processes, and each node one
+    copy (on one node: fully sharded). Runs on GPUs (NCCL) and on CPU processes (gloo).
+
+    Checkpoints are one file: the trained weights (LoRA, heads) gathered whole on rank 0, and the optimizer state,
+    so `predict`, `export` and `--ckpt_path` load them in one process or with any strategy.
+
+    Args:
+        process_group_backend: `nccl` on GPUs, `gloo` on CPUs by default.
+        timeout: how long a collective waits for the other processes.
+    """
+
+    def __init__(self, process_group_backend: Optional[str] = None,
+                 timeout: Optional[timedelta] = default_pg_timeout) -> None:
+        super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend,
+                         timeout=timeout)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # Only what is trained (checkpoints hold nothing else): gathering the frozen backbone would need it whole
+        # in rank 0's memory.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
 
 
-class LoraWrapPolicy:
-    """FSDP's wrapping policy read from the model it wraps (a callable policy, as FSDP accepts): each of
-    the backbone's transformer blocks (the classes its `_no_split_modules` names) is one FSDP unit, and
-    each leaf layer with trainable weights (LoRA matrices, the head) another, so no unit mixes frozen and
-    trainable parameters (PEFT's policy). FSDP calls it on the root module first."""
-
-    def __init__(self) -> None:
-        self.policy: Optional[Callable[..., bool]] = None
-
-    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int) -> bool:
-        if self.policy is None:
-            backbone = next(m for m in module.modules() if isinstance(m, PreTrainedModel))
-            self.policy = fsdp_auto_wrap_policy(backbone)
-        return self.policy(module=module, recurse=recurse, nonwrapped_numel=nonwrapped_numel)
-
-
-class LoraFSDPStrategy(FSDPStrategy):
-    """Lightning's `FSDPStrategy` with `LoraWrapPolicy` unless `auto_wrap_policy` is given. Keep
-    `state_dict_type: full` (the default) for checkpoints that load in one process."""
-
-    def __init__(self, *args: Any, auto_wrap_policy: Optional[Any] = None, **kwargs: Any) -> None:
-        super().__init__(*args, auto_wrap_policy=auto_wrap_policy or LoraWrapPolicy(), **kwargs)
-
-    def setup_environment(self) -> None:
-        if self.root_device.type == "cpu":  # (torch: "FSDP needs a non-CPU accelerator device", as a traceback)
-            raise InputError("trainer.strategy: FSDP shards the model over accelerator devices (GPUs) and torch "
-                             "refuses CPU processes; on CPUs use DDP (configs/strategies/ddp.yaml)")
-        super().setup_environment()
+def shard_module(module: LightningModule, mesh: DeviceMesh) -> None:
+    """Shards finetune's module over `mesh`: each transformer block of its model (and of its reference copy, if it
+    keeps one), the classes the backbone's `_no_split_modules` names, is one unit, all-gathered for its forward
+    and backward and freed after; the module itself is the root unit, holding every other weight (embeddings,
+    final norm, heads), all-gathered for a whole step: the core calls parts of the model directly (the decoder,
+    then the output layer on chunks of target tokens; generation), so the step is the forward FSDP sees.
+    LoRA weights are sharded with their block and stay trainable."""
+    for model in (module.model, module.reference_model):
+        if model is None:
+            continue
+        backbone = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
+        blocks = set(backbone._no_split_modules or ())
+        for block in [m for m in backbone.modules() if type(m).__name__ in blocks]:
+            fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    for step in ("training_step", "validation_step", "test_step", "predict_step"):
+        register_fsdp_forward_method(module, step)

@@ -16,6 +16,7 @@ from torchmetrics import MeanMetric
 
 from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError, NonFiniteLossError
+from finetune.fsdp import shard_module
 from finetune.lora import LoraSettings, apply_lora, quantized_loading
 from finetune.pipeline import STAGE_SPLITS, merge_predictions, predict_batch, settle_task
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
@@ -126,6 +127,8 @@ class FineTuneModule(LightningModule):
             self.reference_model = copy.deepcopy(model).requires_grad_(False).eval()
         model.train()  # from_pretrained returns eval mode, which would switch dropout off
         self.model = model
+        if self.device_mesh is not None:  # (FSDP2: finetune.fsdp.FSDP2Strategy)
+            shard_module(self, self.device_mesh)
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in ("val", "test")})
 
     def setup(self, stage: str) -> None:
