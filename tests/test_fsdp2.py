@@ -174,7 +174,8 @@ def test_fsdp2_in_bf16_trains_as_one_process(precision, tiny_llama, tmp_path):
               "--data.group_by_length=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
               "--trainer.enable_progress_bar=false", "--seed_everything=0", f"--trainer.precision={precision}"]
     losses = {}
-    for name, args in (("one", [*ONE, "--data.batch_size=16"]), ("two", [*FSDP2, "--data.batch_size=8"])):
+    bytes_file = ["--trainer.callbacks+=shard_bytes.FrozenBytes", f"--trainer.callbacks.output={tmp_path}/bytes"]
+    for name, args in (("one", [*ONE, "--data.batch_size=16"]), ("two", [*FSDP2, "--data.batch_size=8", *bytes_file])):
         root = tmp_path / name
         finetune("fit", *common, *args, "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={root}",
                  f"--trainer.default_root_dir={root}", cwd=tmp_path)
@@ -182,6 +183,9 @@ def test_fsdp2_in_bf16_trains_as_one_process(precision, tiny_llama, tmp_path):
     relative = max(abs(losses["one"][s] - losses["two"][s]) / losses["one"][s] for s in losses["one"])
     print(f"{precision}: losses one process {losses['one']}, two FSDP2 processes {losses['two']}, "
           f"max relative difference {relative:.2e}")
+    held = json.loads(Path(f"{tmp_path}/bytes-0.json").read_text())
+    assert held["dtypes"] == ["bfloat16" if precision == "bf16-true" else "float32"]  # (bf16-mixed: autocast)
+    assert held["held"] == pytest.approx(held["whole"] / 2, rel=0.05)
     assert losses["one"].keys() == losses["two"].keys() == {0, 1, 2, 3}
     assert relative < 2e-2
     assert losses["two"][3] < losses["two"][0]
