@@ -1,5 +1,5 @@
-"""FSDP2 for LoRA fine-tuning: torch's `fully_shard` on each of the backbone's blocks, then on the backbone, over
-the processes of Lightning's `ModelParallelStrategy`; checkpoints hold the trained weights whole, in one file."""
+"""FSDP2 for LoRA fine-tuning: torch's `fully_shard` on each of the backbone's blocks, then on the module, over the
+processes of Lightning's `ModelParallelStrategy`; checkpoints hold the trained weights whole, in one file."""
 
 from __future__ import annotations
 
