@@ -53,6 +53,9 @@ KNOWN_HARMLESS_WARNINGS = [
     # ModelCheckpoint, when `--ckpt_path` comes from another run's directory: every command writes to a run
     # directory of its own (validate, test, a resumed fit), so the checkpoint's directory always differs.
     r"The dirpath has changed from .* won't be reloaded. Only `best_model_path` will be reloaded.",
+    # Lightning, when `predict` batches with finetune's batch sampler (FSDP2: as many batches in every process), which
+    # returns every index (tested): Lightning cannot check that itself.
+    r"You are using a custom batch sampler `LengthGroupedBatchSampler` for prediction",
 ]
 
 

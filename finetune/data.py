@@ -152,7 +152,10 @@ class DataModule(LightningDataModule):
         batch_size = self.batch_size if train else self.eval_batch_size
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
         # Evaluation order does not matter for metrics; predictions are put back in input order by index.
-        if split == "predict":  # no collectives per step: the processes may run different numbers of batches
+        # Prediction has no collectives per step, so the processes may run different numbers of batches; except
+        # with FSDP2 (a device mesh), where every forward all-gathers weights: as many batches in every process.
+        sharded = self.trainer.lightning_module.device_mesh is not None
+        if split == "predict" and not sharded:
             batching: dict[str, Any] = {"sampler": LongestFirst(lengths, rank, world_size), "batch_size": batch_size}
         else:
             sampler = LengthGroupedBatchSampler(lengths, batch_size, self.seed, shuffle=train,

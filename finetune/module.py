@@ -19,13 +19,13 @@ from torchmetrics import MeanMetric
 
 from finetune.backbone import load_config_and_tokenizer, load_model
 from finetune.errors import InputError, NonFiniteLossError
+from finetune.fsdp import shard_module
 from finetune.lora import LoraSettings, apply_lora, keep_4bit_layers_trainable, quantized_loading
 from finetune.pipeline import STAGE_SPLITS, merge_predictions, predict_batch, settle_task
 from finetune.precision import BackboneDtype, autocast, default_device, keep_trained_weights_fp32, resolve_dtype
 from finetune.schedule import LinearWarmupDecay, SchedulerCallable
 from finetune.task import Task
 
-FSDP_PREFIX = "_fsdp_wrapped_module."  # (how FSDP's wrappers prefix parameter names)
 #: Version of what checkpoints hold; `on_load_checkpoint` refuses others with a message. 3: a decoder's chat options
 #: nested under the task's `chat`, the epoch's metric states saved mid-epoch.
 CHECKPOINT_FORMAT = 3
@@ -146,6 +146,8 @@ class FineTuneModule(LightningModule):
             self.reference_model = copy.deepcopy(model).requires_grad_(False).eval()
         model.train()  # from_pretrained returns eval mode, which would switch dropout off
         self.model = model
+        if self.device_mesh is not None:  # (FSDP2: finetune.fsdp.FSDP2Strategy)
+            shard_module(self, self.device_mesh)
         self.losses = nn.ModuleDict({f"{split}_loss": MeanMetric() for split in ("val", "test")})
 
     def target_device(self) -> torch.device:
@@ -384,8 +386,7 @@ class FineTuneModule(LightningModule):
         return {k: v for k, v in self.state_dict().items() if k in trainable}
 
     def trainable_names(self) -> set[str]:
-        # (as state-dict keys: FSDP's wrappers add a prefix to parameter names, not to those keys)
-        return {name.replace(FSDP_PREFIX, "") for name, p in self.named_parameters() if p.requires_grad}
+        return {name for name, p in self.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_names()  # (Lightning filled state_dict already: filter, don't recompute)
@@ -406,7 +407,7 @@ class FineTuneModule(LightningModule):
         saved = set(checkpoint["state_dict"])
         # A checkpoint that also holds the frozen weights (DeepSpeed saves the whole module) loads:
         # those are the backbone's own, unchanged by LoRA. Extra adapter weights still do not.
-        frozen = {name.replace(FSDP_PREFIX, "") for name, p in self.named_parameters() if not p.requires_grad}
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
         if trainable <= saved and saved - trainable <= frozen:
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
             saved = trainable

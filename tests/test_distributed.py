@@ -19,7 +19,9 @@ pytestmark = pytest.mark.slow
 
 
 def finetune(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    # (this checkout's finetune, where the installed one may be another's: a git worktree)
+    path = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=300)  # (a hang fails, not blocks)
     assert result.returncode == 0, result.stderr[-3000:]
