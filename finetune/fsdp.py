@@ -11,6 +11,7 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import ModelParallelStrategy
+from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -95,19 +96,21 @@ def sharded_like(value: Any, parameter: torch.Tensor) -> Any:
 
 
 def shard_module(module: LightningModule, mesh: DeviceMesh) -> None:
-    """Shards finetune's module over `mesh`: each transformer block of its model (and of its reference copy, if it
-    keeps one), the classes the backbone's `_no_split_modules` names, is one unit, all-gathered for its forward
-    and backward and freed after; the module itself is the root unit, holding every other weight (embeddings,
-    final norm, heads), all-gathered for a whole step: the core calls parts of the model directly (the decoder,
-    then the output layer on chunks of target tokens; generation), so the step is the forward FSDP sees.
-    LoRA weights are sharded with their block and stay trainable."""
+    """Shards finetune's module over `mesh`, bottom up, in the units of PEFT's FSDP policy: each layer with trained
+    weights (a LoRA matrix, a head) is a unit of its own, so that every unit holds weights of one dtype (frozen bf16
+    and trained fp32 ones apart, as FSDP2 requires) and one kind; each transformer block of the model (and of its
+    reference copy, if it keeps one) is one, all-gathered for its forward and backward and freed after; the module
+    itself is the root unit, holding every other weight (embeddings, final norm), all-gathered for a whole step: the
+    core calls parts of the model directly (the decoder, then the output layer on chunks of target tokens;
+    generation), so the step is the forward FSDP sees."""
     for model in (module.model, module.reference_model):
         if model is None:
             continue
         backbone = next(m for m in model.modules() if isinstance(m, PreTrainedModel))
-        blocks = set(backbone._no_split_modules or ())
-        for block in [m for m in backbone.modules() if type(m).__name__ in blocks]:
-            fully_shard(block, mesh=mesh)
+        is_unit = fsdp_auto_wrap_policy(backbone)  # (an FSDP1 policy: called with recurse=False, it says "a unit")
+        units = [m for m in model.modules() if m is not model and is_unit(module=m, recurse=False, nonwrapped_numel=0)]
+        for unit in reversed(units):  # (children before their parents)
+            fully_shard(unit, mesh=mesh)
     fully_shard(module, mesh=mesh)
     for step in ("training_step", "validation_step", "test_step", "predict_step"):
         register_fsdp_forward_method(module, step)

@@ -164,15 +164,17 @@ def test_fsdp2_evaluates_and_predicts_exactly(task, request, tmp_path):
     print(task, {name: round(value, 6) for name, value in two_metrics.items()})
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true", "backbone_dtype=bfloat16"])
 def test_fsdp2_in_bf16_trains_as_one_process(precision, tiny_llama, tmp_path):
-    """bf16 and FSDP2 together: the losses of 4 steps on two processes are one process's in the same precision (to
-    bf16's rounding: the processes' batches are padded to other lengths), and fall."""
+    """bf16 and FSDP2 together (Lightning's precisions; the frozen weights in bf16 beside fp32 LoRA weights, which
+    FSDP2 shards in units of their own): the losses of 4 steps on two processes are one process's in the same
+    precision (to bf16's rounding: the processes' batches are padded to other lengths), and fall."""
     train = write_jsonl(tmp_path / "train.jsonl", reversal_rows(32, seed=7))
     common = [f"--model.backbone={tiny_llama}", "--model.task=Translation", "--model.lora.target_modules=all-linear",
               "--model.lora.dropout=0", "--model.optimizer.lr=0.01", f"--data.train_file={train}",
               "--data.group_by_length=false", "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1",
-              "--trainer.enable_progress_bar=false", "--seed_everything=0", f"--trainer.precision={precision}"]
+              "--trainer.enable_progress_bar=false", "--seed_everything=0",
+              f"--model.{precision}" if "=" in precision else f"--trainer.precision={precision}"]
     losses = {}
     bytes_file = ["--trainer.callbacks+=shard_bytes.FrozenBytes", f"--trainer.callbacks.output={tmp_path}/bytes"]
     for name, args in (("one", [*ONE, "--data.batch_size=16"]), ("two", [*FSDP2, "--data.batch_size=8", *bytes_file])):
@@ -184,7 +186,7 @@ def test_fsdp2_in_bf16_trains_as_one_process(precision, tiny_llama, tmp_path):
     print(f"{precision}: losses one process {losses['one']}, two FSDP2 processes {losses['two']}, "
           f"max relative difference {relative:.2e}")
     held = json.loads(Path(f"{tmp_path}/bytes-0.json").read_text())
-    assert held["dtypes"] == ["bfloat16" if precision == "bf16-true" else "float32"]  # (bf16-mixed: autocast)
+    assert held["dtypes"] == ["float32" if precision == "bf16-mixed" else "bfloat16"]  # (bf16-mixed: autocast)
     assert held["held"] == pytest.approx(held["whole"] / 2, rel=0.05)
     assert losses["one"].keys() == losses["two"].keys() == {0, 1, 2, 3}
     assert relative < 2e-2
