@@ -19,7 +19,8 @@ def prepared(backbone, task=None, stage="fit", **files) -> DataModule:
     """A data module set up for `stage` against a module, as the Trainer would do it."""
     module = FineTuneModule(backbone, task or TextClassification())
     data = DataModule(**files, batch_size=8)
-    data.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0)
+    data.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0,
+                                   lightning_module=SimpleNamespace(device_mesh=None))  # (one process, unsharded)
     connect(module, data, stage)
     return data
 
