@@ -119,7 +119,8 @@ def test_fsdp2_trains_as_one_process_resumes_on_two_and_on_one_and_exports_the_s
     print(f"exports: merged weights within {max_difference(*merged.values()):.2e}")
 
 
-PREDICT_COLUMNS = {"classification": ["text"], "translation": ["source"], "question_answering": ["question", "context"]}
+PREDICT_COLUMNS = {"classification": ["text"], "translation": ["source"],
+                   "question_answering": ["id", "question", "context"]}
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
