@@ -98,11 +98,11 @@ def sharded_like(value: Any, parameter: torch.Tensor) -> Any:
 def shard_module(module: LightningModule, mesh: DeviceMesh) -> None:
     """Shards finetune's module over `mesh`, bottom up, in the units of PEFT's FSDP policy: with LoRA, each layer
     with trained weights (a LoRA matrix, a head) is a unit of its own, so that every unit holds weights of one dtype
-    (frozen bf16 and trained fp32 ones apart, as FSDP2 requires) and one kind; each transformer block of the model (and of its
-    reference copy, if it keeps one) is one, all-gathered for its forward and backward and freed after; the module
-    itself is the root unit, holding every other weight (embeddings, final norm), all-gathered for a whole step: the
-    core calls parts of the model directly (the decoder, then the output layer on chunks of target tokens;
-    generation), so the step is the forward FSDP sees."""
+    (frozen bf16 and trained fp32 ones apart, as FSDP2 requires) and one kind; each transformer block of the model
+    (and of its reference copy, if it keeps one) is one, all-gathered for its forward and backward and freed after;
+    the module itself is the root unit, holding every other weight (embeddings, final norm), all-gathered for a whole
+    step: the core calls parts of the model directly (the decoder, then the output layer on chunks of target
+    tokens; generation), so the step is the forward FSDP sees."""
     for model in (module.model, module.reference_model):
         if model is None:
             continue
@@ -111,8 +111,8 @@ def shard_module(module: LightningModule, mesh: DeviceMesh) -> None:
         # Trained layers apart only beside frozen ones (LoRA): when every weight trains, all are fp32, and a layer
         # of its own would split tied weights (T5's shared embeddings) over two units, which FSDP2 refuses.
         lora = any(not p.requires_grad for p in model.parameters())
-        units = [m for m in model.modules()
-                 if m is not model and is_unit(module=m, recurse=False, nonwrapped_numel=0) and (lora or list(m.children()))]
+        units = [m for m in model.modules() if m is not model and (lora or list(m.children()))
+                 and is_unit(module=m, recurse=False, nonwrapped_numel=0)]
         for unit in reversed(units):  # (children before their parents)
             fully_shard(unit, mesh=mesh)
     fully_shard(module, mesh=mesh)
