@@ -214,12 +214,12 @@ def test_smollm2_qlora_fit_predict_and_export_merge_into_the_dequantized_weights
     main(["predict", *common, f"--ckpt_path={checkpoint}", f"--data.predict_file={train}",
           "--data.eval_batch_size=1", f"--predictions.output_file={out}", f"--trainer.default_root_dir={tmp_path}"])
     predicted = [json.loads(line)["generated_text"] for line in out.read_text().splitlines()]
-    main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / 'export'}"])
+    main(["export", f"--ckpt_path={checkpoint}", f"--output_dir={tmp_path / 'export'}", "--dtype=bfloat16"])
     console = capsys.readouterr()
     assert not [noise for noise in NOISE if noise in console.out + console.err]
     assert "Dequantized the 4bit backbone into bfloat16" in console.out
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged")
-    assert merged.dtype == torch.bfloat16 and not hasattr(merged.config, "quantization_config")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "export" / "merged", dtype="auto")
+    assert merged.dtype == torch.bfloat16 and not hasattr(merged.config, "quantization_config")  # (--dtype)
     assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
     module = FineTuneModule.load_from_checkpoint(str(checkpoint), map_location="cpu", weights_only=True)
     with autocast("cpu", torch.bfloat16):  # (the predict path, the merged model in place of the quantized one)
