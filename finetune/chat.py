@@ -300,3 +300,45 @@ def sequence_batch(sequences: list[list[int]], labels: list[list[int]], pad_id: 
 def decoded_texts(ids: torch.Tensor, tokenizer: Any) -> list[str]:
     """Token rows as texts, without special tokens and surrounding whitespace."""
     return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+
+# --- prompts and completions of the tasks that score a decoder's replies (preference tuning, KTO, GRPO) ------
+def completion_problem(value: Any) -> Optional[str]:
+    """What is wrong with a `chosen` or `rejected` value, or None."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        if value[0].get("role") != "assistant":
+            return f"holds a message of the role {value[0].get('role')!r}; a completion is the assistant's reply"
+        value = value[0].get("content")
+    elif not isinstance(value, str):
+        return (f"must hold the assistant's reply: a text, or a list of one {{\"role\": \"assistant\", \"content\": "
+                f"...}} message; got {value_kind(value) or 'null'}: {value!r:.60}")
+    if not isinstance(value, str) or not value.strip():
+        return f"is an empty completion ({value!r:.40})"
+    return None
+
+
+def reply_text(value: Any) -> str:
+    return value if isinstance(value, str) else value[0]["content"]
+
+
+def prompt_problem(prompt: Any) -> Optional[str]:
+    """What is wrong with a prompt (a text, or a conversation ending with a user turn), or None."""
+    problem = None if isinstance(prompt, str) else conversation_problem(prompt, predicting=True)
+    if problem is None and not isinstance(prompt, str) and prompt[-1]["role"] != "user":
+        problem = "must end with a user turn (the completions are the reply to it)"
+    return problem
+
+
+def prompt_messages(prompt: Any) -> list[dict[str, str]]:
+    """A prompt as a conversation: a text is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+        [{"role": m["role"], "content": m["content"]} for m in prompt]
+
+
+def fitted(prompt: list[int], completions: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
+    """A prompt and its completions cut to `max_length` tokens per sequence: the prompt keeps its end (at least half
+    of max_length), each completion its start."""
+    longest = max(len(c) for c in completions)
+    prompt = prompt[-max(max_length - longest, max_length // 2):]
+    room = max_length - len(prompt)
+    return prompt, [c[:room] for c in completions]

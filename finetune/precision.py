@@ -64,9 +64,3 @@ def autocast(device: Union[str, torch.device], dtype: torch.dtype) -> contextlib
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
-
-
-def frozen_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of a model's frozen floating-point weights (its compute dtype); fp32 when all of them train."""
-    frozen = [p.dtype for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    return max(set(frozen), key=frozen.count) if frozen else torch.float32

@@ -19,11 +19,21 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finetune.chat import (ChatFormat, GenerationSettings, conversation_problem, prompt_batch, prompt_ends,
-                           require_decoder, sequence_batch)
+from finetune.chat import (
+    ChatFormat,
+    GenerationSettings,
+    completion_problem,
+    fitted,
+    prompt_batch,
+    prompt_ends,
+    prompt_messages,
+    prompt_problem,
+    reply_text,
+    require_decoder,
+    sequence_batch,
+)
 from finetune.columns import conversation_row
 from finetune.errors import InputError
-from finetune.files import value_kind
 from finetune.target_tokens import IGNORE, target_tokens
 from finetune.task import Column, Task, task_option
 
@@ -53,47 +63,6 @@ class PreferenceScores(Metric):
         pairs = self.pairs.clamp(min=1)
         return {"reward_accuracy": self.wins / pairs, "reward_margin": (self.chosen - self.rejected) / pairs,
                 "chosen_reward": self.chosen / pairs, "rejected_reward": self.rejected / pairs}
-
-
-def completion_problem(value: Any) -> Optional[str]:
-    """What is wrong with a `chosen` or `rejected` value, or None."""
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
-        if value[0].get("role") != "assistant":
-            return f"holds a message of the role {value[0].get('role')!r}; a completion is the assistant's reply"
-        value = value[0].get("content")
-    elif not isinstance(value, str):
-        return (f"must hold the assistant's reply: a text, or a list of one {{\"role\": \"assistant\", \"content\": "
-                f"...}} message; got {value_kind(value) or 'null'}: {value!r:.60}")
-    if not isinstance(value, str) or not value.strip():
-        return f"is an empty completion ({value!r:.40})"
-    return None
-
-
-def reply_text(value: Any) -> str:
-    return value if isinstance(value, str) else value[0]["content"]
-
-
-def prompt_problem(prompt: Any) -> Optional[str]:
-    """What is wrong with a prompt (a text, or a conversation ending with a user turn), or None."""
-    problem = None if isinstance(prompt, str) else conversation_problem(prompt, predicting=True)
-    if problem is None and not isinstance(prompt, str) and prompt[-1]["role"] != "user":
-        problem = "must end with a user turn (the completions are the reply to it)"
-    return problem
-
-
-def prompt_messages(prompt: Any) -> list[dict[str, str]]:
-    """A prompt as a conversation: a text is one user turn."""
-    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-        [{"role": m["role"], "content": m["content"]} for m in prompt]
-
-
-def fitted(prompt: list[int], completions: list[list[int]], max_length: int) -> tuple[list[int], list[list[int]]]:
-    """A prompt and its completions cut to `max_length` tokens per sequence: the prompt keeps its end (at least half
-    of max_length), each completion its start."""
-    longest = max(len(c) for c in completions)
-    prompt = prompt[-max(max_length - longest, max_length // 2):]
-    room = max_length - len(prompt)
-    return prompt, [c[:room] for c in completions]
 
 
 def completion_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,13 +17,24 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finetune.chat import ChatFormat, GenerationSettings, prompt_batch, prompt_ends, require_decoder, sequence_batch
+from finetune.chat import (
+    ChatFormat,
+    GenerationSettings,
+    completion_problem,
+    fitted,
+    prompt_batch,
+    prompt_ends,
+    prompt_messages,
+    prompt_problem,
+    reply_text,
+    require_decoder,
+    sequence_batch,
+)
 from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.files import value_kind
 from finetune.target_tokens import IGNORE, target_tokens
 from finetune.task import Column, Task, task_option
-from tasks.preference_tuning import completion_problem, fitted, prompt_messages, prompt_problem, reply_text
 
 
 class UnpairedPreferenceScores(Metric):

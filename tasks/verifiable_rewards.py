@@ -26,8 +26,17 @@ import torch
 from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from finetune.chat import (ChatFormat, GenerationSettings, conversation_problem, decoded_texts, prompt_batch,
-                           prompt_ends, require_decoder, sequence_batch)
+from finetune.chat import (
+    ChatFormat,
+    GenerationSettings,
+    decoded_texts,
+    prompt_batch,
+    prompt_ends,
+    prompt_messages,
+    prompt_problem,
+    require_decoder,
+    sequence_batch,
+)
 from finetune.columns import conversation_row
 from finetune.errors import InputError
 from finetune.target_tokens import IGNORE, target_tokens
@@ -164,20 +173,15 @@ class GRPO(Task):
     # --- data ----------------------------------------------------------------------------------
     def check_rows(self, split: str, rows: Any, where: str) -> None:
         for row, prompt in enumerate(rows[self.prompt_column], start=1):
-            problem = None if isinstance(prompt, str) else conversation_problem(prompt, predicting=True)
-            if problem is None and not isinstance(prompt, str) and prompt[-1]["role"] != "user":
-                problem = "must end with a user turn (the completions are the reply to it)"
+            problem = prompt_problem(prompt)
             if problem:
                 raise InputError(f"{where}, row {row}: column {self.prompt_column!r} "
                                  f"({task_option('prompt_column')}) {problem}")
 
-    def messages(self, prompt: Any) -> list[dict[str, str]]:
-        return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
-            [{"role": m["role"], "content": m["content"]} for m in prompt]
-
     def preprocess(self, examples: dict[str, list], tokenizer: Any, with_targets: bool) -> dict[str, list]:
         prompts = examples[self.prompt_column]
-        ids = prompt_ends(self.chat.prompt_ids([self.messages(p) for p in prompts], tokenizer), self.max_prompt_length)
+        conversations = [prompt_messages(p) for p in prompts]
+        ids = prompt_ends(self.chat.prompt_ids(conversations, tokenizer), self.max_prompt_length)
         if not with_targets:
             return {"input_ids": ids}
         # The row as the reward functions read it (JSON: columns of any type fit one Arrow column).
