@@ -31,6 +31,7 @@ from finetune import gguf
 from finetune.errors import InputError
 from finetune.packaged import PackagedModel, packaged_model
 
+
 def resolve(backbone: str) -> str:
     """The directory (or Hub name) that `from_pretrained` should load for `model.backbone`."""
     packaged = packaged_model(backbone)

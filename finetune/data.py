@@ -12,7 +12,6 @@ from typing import Any, Callable, Optional
 
 import datasets
 import pyarrow.compute as pc
-import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader

@@ -22,8 +22,8 @@ length from its `input_ids`; a task never handles either.
 """
 
 from __future__ import annotations
-
 import __future__
+
 import dataclasses
 import sys
 import typing

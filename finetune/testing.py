@@ -29,6 +29,8 @@ import dataclasses
 import json
 import math
 import os
+import random
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -44,6 +46,7 @@ from finetune.pipeline import collate, connect
 from finetune.registry import build_task
 from finetune.task import Task
 from finetune.tiny import ARCHITECTURES, Architecture, texts_of, tiny_backbone
+
 
 class ConformanceError(AssertionError):
     """A task breaks the contract; the message names the hook and what was expected."""
@@ -313,10 +316,34 @@ def _is_frozen(task: Task) -> bool:
     return False
 
 
+def processes_env(pythonpath: Optional[str] = None) -> dict[str, str]:
+    """The environment for a `finetune` run of one or several CPU processes on this machine: one thread
+    each, offline, `pythonpath` (if given) to import from, and a rendezvous port (`MASTER_PORT`) that is free and outside
+    the kernel's ephemeral range. (Lightning's own pick is an ephemeral port; while the main process
+    starts up, another process's retrying connection to it can be given that very port as its own
+    source port, and the main process then fails to listen: EADDRINUSE.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(_free_port_below_ephemeral())}
+    return env if pythonpath is None else {**env, "PYTHONPATH": pythonpath}
+
+
+def _free_port_below_ephemeral() -> int:
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # (not Linux: its default range starts at 49152)
+        first_ephemeral = 49152
+    for port in random.Random().sample(range(20000, min(first_ephemeral, 32768)), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ConformanceError("no free port below the ephemeral range for the processes' rendezvous")
+
+
 def _finetune(args: list[str], cwd: Path) -> None:
     # The subprocess must import the task as this process does.
-    path = os.pathsep.join(p for p in sys.path if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = processes_env(os.pathsep.join(p for p in sys.path if p))
     try:
         result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
                                 text=True, timeout=600)

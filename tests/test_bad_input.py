@@ -25,8 +25,8 @@ from conftest import make_rows, write_jsonl
 from finetune.columns import check_columns
 from finetune.data import DataModule
 from finetune.errors import InputError
-from finetune.pipeline import connect
 from finetune.module import FineTuneModule
+from finetune.pipeline import connect
 from finetune.preflight import OutputDirsCheck, check_output_dirs
 from finetune.task import Column, Task
 from tasks.classification import TextClassification

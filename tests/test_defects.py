@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -17,6 +16,7 @@ import torch
 
 from conftest import REPO, fit_args, make_rows, write_jsonl
 from finetune.cli import main, run
+from finetune.testing import processes_env
 
 CONFIG = str(REPO / "configs" / "classification.yaml")
 
@@ -267,7 +267,7 @@ NOISE = ["Warning", "deprecated", "warnings.warn",
 def run_quietly(args: list[str], cwd: Path) -> str:
     """`finetune ARGS` in a fresh process, as a user runs it, with every UserWarning an error (Lightning's,
     jsonargparse's and finetune's own are UserWarnings); returns its console, checked for noise."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = processes_env()
     result = subprocess.run([sys.executable, "-W", "error::UserWarning", "-m", "finetune", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=600)
     console = result.stdout + result.stderr

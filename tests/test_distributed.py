@@ -14,6 +14,7 @@ from test_question_answering import code_rows
 
 from conftest import make_rows, reversal_rows, write_jsonl
 from finetune.cli import run
+from finetune.testing import processes_env
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +22,7 @@ pytestmark = pytest.mark.slow
 def finetune(*args: str, cwd: Path) -> str:
     # (this checkout's finetune, where the installed one may be another's: a git worktree)
     path = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env,
+    result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=processes_env(path),
                             capture_output=True, text=True, timeout=300)  # (a hang fails, not blocks)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -107,7 +107,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes(tiny_ber
 def test_a_nonfinite_loss_in_one_process_is_decided_in_all(tiny_bert, toy_files, tmp_path, skip):
     """Skipping (or stopping on) a NaN loss seen by one process only: all processes take the same decision,
     where a lone skip would leave the others waiting in the gradient all-reduce."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env = processes_env(str(Path(__file__).parent))
     args = ["fit", f"--model.backbone={tiny_bert}", '--model.task={"class_path": "nan_on_one_rank.NanOnOneRank"}',
             f"--data.train_file={toy_files['train']}", "--data.batch_size=16", "--trainer.max_epochs=1",
             "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp",

@@ -4,7 +4,6 @@ backbone and on the exported merged model, during a fit, offline, and the errors
 import csv
 import json
 import math
-import os
 import shutil
 import socket
 import subprocess
@@ -17,6 +16,7 @@ from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.evaluate import Benchmarks, evaluate, metric_values
 from finetune.export import export
+from finetune.testing import processes_env
 
 pytest.importorskip("lm_eval")
 
@@ -181,7 +181,7 @@ def test_benchmarks_during_a_fit_in_two_processes_are_those_of_one(tiny_llama, d
     config.write_text(json.dumps({"trainer": {"callbacks": [{
         "class_path": "finetune.benchmark_callback.BenchmarkEvaluation",
         "init_args": {"benchmarks": {"tasks": ["piqa_local"], "include_path": CONFIGS, "data_dir": data_dir}}}]}}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = processes_env(str(REPO))
     fit = subprocess.run(
         [sys.executable, "-m", "finetune", "fit", f"--config={config}", f"--model.backbone={tiny_llama}",
          "--model.task=InstructionTuning", f"--data.train_file={write_jsonl(tmp_path / 'train.jsonl', rows * 4)}",

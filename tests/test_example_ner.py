@@ -3,7 +3,6 @@ decoding and metric (against seqeval), its input errors, the conformance kit, an
 installed with pip and driven through the `finetune` command as a user would."""
 
 import json
-import os
 import random
 import re
 import shutil
@@ -18,6 +17,7 @@ import torch
 from conftest import KIT_PROCESSES, MINILM, REPO
 from finetune.errors import InputError
 from finetune.task import Column
+from finetune.testing import processes_env
 
 EXAMPLE = REPO / "examples" / "ner"
 sys.path.insert(0, str(EXAMPLE))
@@ -258,7 +258,7 @@ def test_ner_passes_the_conformance_kit(backbone, processes, tmp_path, monkeypat
 
 # --- installed with pip, run through the `finetune` command ----------------------------------------------
 def finetune(*args: str, cwd: Path, site: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = processes_env(str(site))
     result = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 or not check, result.stderr[-3000:]

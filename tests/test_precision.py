@@ -3,7 +3,6 @@
 shows."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from finetune.errors import InputError
 from finetune.module import FineTuneModule
 from finetune.pipeline import predict_rows
 from finetune.precision import autocast, cpu_has_fast_bf16, resolve_dtype
+from finetune.testing import processes_env
 from finetune.tiny import tiny_backbone
 from tasks.classification import TextClassification
 
@@ -41,7 +41,7 @@ def toy(tmp_path_factory) -> dict:
 
 def run_fit(backbone: str, files: dict, root: Path, *extra: str) -> subprocess.CompletedProcess:
     args = fit_args(backbone, files, root, "--trainer.max_epochs=2", *extra)
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = processes_env(str(TESTS))
     result = subprocess.run([sys.executable, "-m", "finetune", *args], env=env, capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -240,7 +240,7 @@ def test_qlora_run_killed_mid_epoch_resumes_to_the_uninterrupted_result_and_serv
     run_fit(llama64, toy, whole, *common, f"--trainer.callbacks.dirpath={whole}/checkpoints")
     args = fit_args(llama64, toy, parts, "--trainer.max_epochs=2", *common, f"--trainer.callbacks.dirpath={parts}/"
                     "checkpoints", "--trainer.callbacks+=interrupt.SignalAtStep", "--trainer.callbacks.step=5")
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = processes_env(str(TESTS))
     killed = subprocess.run([sys.executable, "-m", "finetune", *args], env=env, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     run_fit(llama64, toy, parts, *common, f"--trainer.callbacks.dirpath={parts}/checkpoints",

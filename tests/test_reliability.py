@@ -1,6 +1,5 @@
 """Interruption, bad numbers, unsafe files, reproducibility."""
 
-import os
 import pickle
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from finetune.checkpointing import AtomicCheckpointIO
 from finetune.cli import main, run
 from finetune.errors import InputError
 from finetune.module import FineTuneModule
+from finetune.testing import processes_env
 
 TESTS = Path(__file__).parent
 
@@ -22,7 +22,7 @@ def fit_in_subprocess(backbone: str, files: dict, root: Path, *extra: str) -> su
     args = fit_args(backbone, files, root, "--trainer.max_epochs=3", "--trainer.callbacks+=ModelCheckpoint",
                     f"--trainer.callbacks.dirpath={root}/checkpoints", "--trainer.callbacks.every_n_train_steps=4",
                     "--trainer.callbacks.save_last=true", "--trainer.callbacks.save_top_k=0", *extra)
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = processes_env(str(TESTS))
     return subprocess.run([sys.executable, "-m", "finetune", *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
