@@ -10,8 +10,8 @@ tokens per completion) is not. Held-out problems are pairs never trained on.
 1. held-out greedy accuracy before training and after each epoch, the per-step reward curve, sample completions
    before and after;
 2. throughput: seconds per step and per rollout, completions per second, and the peak resident memory of
-   `finetune` and of TRL's GRPOTrainer (same model, prompts, G, max new tokens, LoRA, sampling; fp32, no gradient
-   checkpointing; each in a fresh process).
+   `finetune` and of TRL's GRPOTrainer (same model, prompts, G, max new tokens, LoRA, sampling and dtype, bf16 by
+   default: frozen weights in bf16, steps under bf16 autocast; no gradient checkpointing; each in a fresh process).
 
     python -m benchmarks.grpo_smollm2            # ~25 min on 2 CPU cores (defaults)
 """
@@ -51,7 +51,8 @@ def task_args(args: argparse.Namespace) -> list[str]:
 def common_args(work: Path, args: argparse.Namespace) -> list[str]:
     return [f"--model.backbone={BACKBONE}", *task_args(args), f"--data.batch_size={args.prompts}",
             f"--data.eval_batch_size={args.eval_batch_size}", "--model.lora.target_modules=all-linear",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--seed_everything=0",
+            f"--model.backbone_dtype={args.dtype}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", "--seed_everything=0",
             f"--trainer.default_root_dir={work}"]
 
 
@@ -93,7 +94,7 @@ def trl_steps(args: argparse.Namespace) -> None:
     from tasks.rewards import final_answer
 
     path = model_dir(BACKBONE)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = problems()[0][:args.prompts * args.steps]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "final_answer": r["final_answer"]}
@@ -117,11 +118,12 @@ def trl_steps(args: argparse.Namespace) -> None:
     config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="grpo-trl-"),
                         per_device_train_batch_size=args.prompts * args.G, num_generations=args.G,
                         max_completion_length=args.max_new_tokens, max_steps=args.steps, learning_rate=args.lr,
-                        temperature=args.temperature, top_k=0, top_p=1.0, report_to=[], use_cpu=True, bf16=False,
-                        gradient_checkpointing=False, logging_steps=1, save_strategy="no", seed=0)
+                        temperature=args.temperature, top_k=0, top_p=1.0, report_to=[], use_cpu=True,
+                        bf16=args.dtype == "bfloat16", gradient_checkpointing=False, logging_steps=1,
+                        save_strategy="no", seed=0)
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[final_answer], args=config, train_dataset=data,
-                          processing_class=tokenizer, peft_config=lora)
+                          processing_class=tokenizer, peft_config=lora, callbacks=[Steps()])
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
@@ -140,6 +142,8 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the frozen weights' dtype and autocast (bf16: this CPU has AVX512_BF16)")
     parser.add_argument("--eval_batch_size", type=int, default=30)
     parser.add_argument("--steps", type=int, default=4, help="throughput: steps per system (the first: warm-up)")
     parser.add_argument("--skip_training", action="store_true", help="throughput only")
@@ -151,7 +155,7 @@ def main() -> None:
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="grpo-bench-"))
     options = [f"--prompts={args.prompts}", f"--G={args.G}", f"--max_new_tokens={args.max_new_tokens}",
-               f"--temperature={args.temperature}", f"--lr={args.lr}", f"--steps={args.steps}"]
+               f"--temperature={args.temperature}", f"--lr={args.lr}", f"--steps={args.steps}", f"--dtype={args.dtype}"]
     throughput = {system: measured(module_command(__spec__.name, "--child", system, *options),
                                    work / "throughput.log", child_env()) for system in ("finetune", "trl")}
     payload = {"settings": vars(args), "throughput": throughput}

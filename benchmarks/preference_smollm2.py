@@ -51,7 +51,8 @@ def unpaired(pairs: list[dict]) -> list[dict]:
 
 def common_args(work: Path, args: argparse.Namespace) -> list[str]:
     return [f"--model.backbone={SMOLLM2}", f"--data.batch_size={args.batch_size}",
-            "--model.lora.target_modules=all-linear", "--trainer.enable_progress_bar=false",
+            "--model.lora.target_modules=all-linear", f"--model.backbone_dtype={args.dtype}",
+            "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--seed_everything=0", f"--trainer.default_root_dir={work}"]
 
 
@@ -106,6 +107,8 @@ def main() -> None:
     parser.add_argument("--max_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=8, help="pairs (KTO: rows) per batch")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="the frozen weights' dtype and autocast (bf16: this CPU has AVX512_BF16)")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--memory_steps", type=int, default=2, help="SFT steps of the memory baseline (0: none)")
     parser.add_argument("--run", choices=[*METHODS, "sft"], help=argparse.SUPPRESS)  # (a child process)
@@ -120,7 +123,7 @@ def main() -> None:
     started = time.perf_counter()
     log = Path(tempfile.mkdtemp(prefix="preference-bench-")) / "children.log"
     options = [f"--{name}={getattr(args, name)}" for name in ("train", "val", "max_length", "batch_size", "epochs",
-                                                             "lr", "memory_steps")]
+                                                             "lr", "memory_steps", "dtype")]
     # each in a fresh process: its own peak memory, and no fitted model of another method beside it
     runs = {method: measured(module_command(__spec__.name, "--run", method, *options), log, child_env())
             for method in (["sft"] if args.memory_steps else []) + methods}

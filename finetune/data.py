@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 import datasets
 import pyarrow.compute as pc
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -152,8 +153,8 @@ class DataModule(LightningDataModule):
         rank, world_size = self.trainer.global_rank, self.trainer.world_size
         # Evaluation order does not matter for metrics; predictions are put back in input order by index.
         # Prediction has no collectives per step, so the processes may run different numbers of batches; except
-        # with FSDP2 (a device mesh), where every forward all-gathers weights: as many batches in every process.
-        sharded = self.trainer.lightning_module.device_mesh is not None
+        # with sharded weights (FSDP, FSDP2), where every forward all-gathers them: as many batches in every process.
+        sharded = isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
         if split == "predict" and not sharded:
             batching: dict[str, Any] = {"sampler": LongestFirst(lengths, rank, world_size), "batch_size": batch_size}
         else:

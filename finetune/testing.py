@@ -316,13 +316,19 @@ def _is_frozen(task: Task) -> bool:
     return False
 
 
+_LAUNCHER_VARIABLES = {"MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "GROUP_RANK", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+                       "LOCAL_WORLD_SIZE"}
+
+
 def processes_env(pythonpath: Optional[str] = None) -> dict[str, str]:
-    """The environment for a `finetune` run of one or several CPU processes on this machine: one thread
-    each, offline, `pythonpath` (if given) to import from, and a rendezvous port (`MASTER_PORT`) that is free and outside
-    the kernel's ephemeral range. (Lightning's own pick is an ephemeral port; while the main process
-    starts up, another process's retrying connection to it can be given that very port as its own
-    source port, and the main process then fails to listen: EADDRINUSE.)"""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(_free_port_below_ephemeral())}
+    """The environment of a fresh `finetune` launch of one or several CPU processes on this machine: one thread
+    each, offline, `pythonpath` (if given) to import from. Rank and rendezvous variables that an earlier
+    in-process run left in `os.environ` are not passed on: a process that inherits LOCAL_RANK takes itself for
+    one of an already launched job and waits for peers that never start, and an inherited MASTER_PORT may be
+    taken (EADDRINUSE). The rendezvous port is a free one below the kernel's ephemeral range, where no
+    outgoing connection can be given it while the processes start."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MASTER_PORT=str(_free_port_below_ephemeral()))
     return env if pythonpath is None else {**env, "PYTHONPATH": pythonpath}
 
 

@@ -20,6 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 KIT_PROCESSES = [1, pytest.param(2, marks=pytest.mark.slow)]
 
 
+@pytest.fixture(autouse=True)
+def environment():
+    """What an in-process run puts into `os.environ` (Lightning's rank and rendezvous variables) stays in its test:
+    a later `finetune` subprocess that inherited LOCAL_RANK would take itself for an already launched process and
+    wait for peers that never start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def save_tiny_bert(path: Path, dropout: float = 0.1) -> str:
     """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like a pretrained model directory."""
     import torch
