@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
+from unittest import mock
 
 from benchmarks.harness import REPO, child_env
 from benchmarks.meter import GenerationMeter, StepMeter
@@ -30,7 +31,8 @@ def run(argv: list[str], step: Optional[StepMeter] = None, losses: bool = False,
     callbacks = [f"--trainer.callbacks+={lightning_meters.__name__}.{callback.__name__}"
                  for callback, meter in ((lightning_meters.StepMeterCallback, step),
                                          (lightning_meters.GenerationMeterCallback, generation)) if meter]
-    return finetune([*argv, *callbacks])
+    with mock.patch.object(sys, "argv", ["finetune"]):  # (the benchmark's own options are not finetune's)
+        return finetune([*argv, *callbacks])
 
 
 def metrics(cli: Any) -> dict[str, float]:
