@@ -5,6 +5,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from conftest import make_rows, write_jsonl
 from finetune.data import DataModule, LengthGroupedBatchSampler
@@ -20,7 +21,7 @@ def prepared(backbone, task=None, stage="fit", **files) -> DataModule:
     module = FineTuneModule(backbone, task or TextClassification())
     data = DataModule(**files, batch_size=8)
     data.trainer = SimpleNamespace(global_rank=0, world_size=1, current_epoch=0,
-                                   lightning_module=SimpleNamespace(device_mesh=None))  # (one process, unsharded)
+                                   strategy=SingleDeviceStrategy())  # (one process, unsharded)
     connect(module, data, stage)
     return data
 
