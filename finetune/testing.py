@@ -337,7 +337,8 @@ def _free_port_below_ephemeral() -> int:
         first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):  # (not Linux: its default range starts at 49152)
         first_ephemeral = 49152
-    for port in random.Random().sample(range(20000, min(first_ephemeral, 32768)), 200):
+    below = range(max(1024, min(first_ephemeral, 32768) - 12768), min(first_ephemeral, 32768))
+    for port in random.Random().sample(below, min(200, len(below))):  # (a tuned range may leave few below it)
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))

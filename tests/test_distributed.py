@@ -54,6 +54,20 @@ def data_for(task: str, tmp_path: Path) -> dict[str, str]:
     return {"train": write_jsonl(tmp_path / "train.jsonl", train), "val": write_jsonl(tmp_path / "val.jsonl", val)}
 
 
+def fit_on_two(common: list[str], two: list[str], files: dict[str, str], tmp_path: Path) -> tuple[Path, dict]:
+    """Fits on two processes (accumulating and clipping gradients) into tmp_path/two: the loss falls. Returns the
+    one checkpoint and the last validation's metrics (all 31 examples, once)."""
+    finetune("fit", *common, *two, f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
+             "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=2", "--trainer.gradient_clip_val=1.0",
+             "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}/two",
+             f"--trainer.default_root_dir={tmp_path}/two", cwd=tmp_path)
+    (path,) = (tmp_path / "two").rglob("metrics.csv")
+    losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(path.open()) if r.get("train/loss_epoch")]
+    assert losses[-1] < losses[0]
+    (ckpt,) = (tmp_path / "two").rglob("*.ckpt")
+    return ckpt, last_validation(tmp_path / "two")
+
+
 @pytest.mark.parametrize("task", sorted(TASKS))
 def test_two_processes_train_and_evaluate_exactly(task, request, tmp_path):
     fixture, task_args = TASKS[task]
@@ -63,19 +77,8 @@ def test_two_processes_train_and_evaluate_exactly(task, request, tmp_path):
               "--trainer.enable_progress_bar=false", "--seed_everything=0"]
     two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
 
-    # fit with 2 processes (accumulating and clipping gradients): the loss falls; the last validation ran
-    # over all 31 examples once
-    finetune("fit", *common, *two, f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
-             "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=2", "--trainer.gradient_clip_val=1.0",
-             "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}/two",
-             f"--trainer.default_root_dir={tmp_path}/two", cwd=tmp_path)
-    (path,) = (tmp_path / "two").rglob("metrics.csv")
-    losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(path.open()) if r.get("train/loss_epoch")]
-    assert losses[-1] < losses[0]
-    two_metrics = last_validation(tmp_path / "two")
-
+    ckpt, two_metrics = fit_on_two(common, two, files, tmp_path)
     # the checkpoint written by 2 processes loads in one; one process gets the same numbers
-    (ckpt,) = (tmp_path / "two").rglob("*.ckpt")
     one = run(["validate", *common, f"--ckpt_path={ckpt}", f"--data.val_file={files['val']}",
                f"--trainer.default_root_dir={tmp_path}/one"]).trainer.callback_metrics
     assert two_metrics.keys() == {k for k in one if k.startswith("val/")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import TASKS, data_for, finetune, last_validation
+from test_distributed import TASKS, data_for, finetune, fit_on_two
 
 from conftest import REPO, reversal_rows, write_jsonl
 from finetune.cli import run
@@ -135,17 +135,7 @@ def test_fsdp2_evaluates_and_predicts_exactly(task, request, tmp_path):
     common = [f"--model.backbone={backbone}", *task_args, "--data.batch_size=4", "--data.eval_batch_size=4",
               "--trainer.enable_progress_bar=false", "--seed_everything=0"]
     two = [*FSDP2, "--trainer.precision=32"]
-    finetune("fit", *common, *two, f"--data.train_file={files['train']}", f"--data.val_file={files['val']}",
-             "--trainer.max_epochs=3", "--trainer.accumulate_grad_batches=2", "--trainer.gradient_clip_val=1.0",
-             "--trainer.logger=CSVLogger", f"--trainer.logger.save_dir={tmp_path}/two",
-             f"--trainer.default_root_dir={tmp_path}/two", cwd=tmp_path)
-    (path,) = (tmp_path / "two").rglob("metrics.csv")
-    losses = [float(r["train/loss_epoch"]) for r in csv.DictReader(path.open()) if r.get("train/loss_epoch")]
-    assert losses[-1] < losses[0]
-    two_metrics = last_validation(tmp_path / "two")
-
-    (ckpt,) = (tmp_path / "two").rglob("*.ckpt")
-    assert ckpt.is_file()  # one file, which one process loads
+    ckpt, two_metrics = fit_on_two(common, two, files, tmp_path)  # (one file, which one process loads)
     one = run(["validate", *common, *ONE, f"--ckpt_path={ckpt}", f"--data.val_file={files['val']}",
                f"--trainer.default_root_dir={tmp_path}/one"]).trainer.callback_metrics
     assert two_metrics.keys() == {k for k in one if k.startswith("val/")}
